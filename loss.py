@@ -1,0 +1,107 @@
+"""The prototype-based self-distillation loss of ProS (paper §3.1-3.3), the projector, the EMA teacher
+update and the schedules.
+
+    s^l_n = softmax(p . f_s(x^l_n) / tau_l)      s^g_m = softmax(p . f_t(x^g_m) / tau_g)         (Eq. 1)
+    L     = 1/B sum_i H_i(s^g, s^l)  -  H(mean s^l)                                                (Eq. 2)
+    H_i   = 1/(M N) sum_m sum_n H(s^g_m, s^l_n)     (cross-entropy, teacher -> student)           (Eq. 3)
+    H(mean s^l): entropy of the student prediction averaged over all B*N local views               (Eq. 4)
+
+Eq. 4 as printed averages the predictions without taking their entropy; the text calls it "the entropy
+regularization [2]" and MSN's me-max, which this loss follows, is the entropy of the mean prediction:
+that is what we compute. Features and prototypes are L2-normalised ("All the output features are L2
+normalized"), so p . f is a cosine similarity. No centering and no Sinkhorn: the mean-entropy term is
+the anti-collapse mechanism, and the sharp teacher (tau_g = 0.025 < tau_l = 0.1) gives the targets.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ProjectionHead(nn.Module):
+    """The projector: 3 fully connected layers, 384 -> 2048 -> 2048 -> 256, GELU between (§3.2)."""
+
+    def __init__(self, in_dim, out_dim=256, hidden_dim=2048):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def global_mean(x):
+    """Mean over dim 0 across all processes, differentiable (the gradient is all-reduced too)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import torch.distributed.nn.functional as dist_fn
+        return dist_fn.all_reduce(x.mean(0)) / dist.get_world_size()
+    return x.mean(0)
+
+
+def entropy(p, dim=-1):
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
+
+
+class PrototypeLoss(nn.Module):
+    """Holds the K learnable prototypes, shared by teacher and student, and computes Eq. 1-4."""
+
+    def __init__(self, n_prototypes=1024, dim=256, tau_teacher=0.025, tau_student=0.1):
+        super().__init__()
+        bound = 1 / math.sqrt(dim)  # U(-1/sqrt(d), 1/sqrt(d)) (§3.3)
+        self.prototypes = nn.Parameter(torch.empty(n_prototypes, dim).uniform_(-bound, bound))
+        self.tau_teacher, self.tau_student = tau_teacher, tau_student
+
+    def predictions(self, z, tau):
+        """Eq. 1: softmax over prototypes of the cosine similarity / tau. z (..., d) -> (..., K)."""
+        return (F.normalize(z.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T / tau).softmax(-1)
+
+    def forward(self, z_teacher, z_student):
+        """z_teacher (B, M, d) from the global views, z_student (B, N, d) from the local views -> (loss, stats)."""
+        with torch.no_grad():  # the teacher side gives targets only: no gradient, not to the prototypes either
+            s_g = self.predictions(z_teacher, self.tau_teacher)                      # (B, M, K)
+        logits = F.normalize(z_student.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
+        log_s_l = F.log_softmax(logits / self.tau_student, dim=-1)                   # (B, N, K)
+        # Eq. 3: cross-entropy of every (global m, local n) pair of an image, averaged over the M x N pairs
+        ce = -(s_g[:, :, None] * log_s_l[:, None]).sum(-1)                           # (B, M, N)
+        cross_entropy = ce.mean()                                                    # Eq. 2, first term
+        s_l = log_s_l.exp()
+        mean_s_l = global_mean(s_l.flatten(0, 1))                                    # Eq. 4: (K,) over B*N
+        mean_entropy = entropy(mean_s_l)
+        loss = cross_entropy - mean_entropy                                          # Eq. 2
+        with torch.no_grad():
+            stats = dict(loss=loss.item(), cross_entropy=cross_entropy.item(), mean_entropy=mean_entropy.item(),
+                         teacher_entropy=entropy(s_g).mean().item(), student_entropy=entropy(s_l).mean().item(),
+                         prototypes_used=s_g.argmax(-1).unique().numel())
+        return loss, stats
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same names)."""
+    student_params = dict(student.named_parameters())
+    for name, p_t in teacher.named_parameters():
+        p_t.mul_(momentum).add_(student_params[name].detach(), alpha=1 - momentum)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def cosine_schedule(step, total_steps, base, final, warmup_steps=0, warmup_start=0.0):
+    """Linear warmup from warmup_start to base over warmup_steps, then cosine from base to final.
+
+    A pure function of the step, so a resumed run follows exactly the same curve.
+    """
+    if step < warmup_steps:
+        return warmup_start + (base - warmup_start) * step / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
+
+
+def momentum_schedule(step, total_steps, base=0.996):
+    """EMA momentum, cosine from 0.996 to 1 (DINO; the paper does not state it)."""
+    return cosine_schedule(step, total_steps, base, 1.0)

@@ -1,0 +1,318 @@
+"""ProS pretraining (paper §3.1-3.3): a ViT student learns from its EMA teacher through shared prototypes.
+
+    python pretrain.py --data toy --arch vit_tiny --epochs 2 --global-size 112 --local-size 48   # CPU, toy faces
+    torchrun --nproc_per_node 4 pretrain.py --data ms1m --arcface w600k_r50.onnx                # the paper's run
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 pretrain.py ...
+
+Per image, M global views go to the teacher and N local views to the student (§1, Fig. 2). With
+--arcface, C candidate local crops are cut and the face-aware retrieval keeps N of them in the training
+step, one recogniser call for the whole batch (see DESIGN: the recogniser is too heavy for CPU workers).
+Run the same command again with the same --out and it resumes from the last checkpoint.
+
+Outputs in --out: checkpoint.pth (everything to resume), teacher_backbone.pth (the teacher ViT, what
+fine-tuning loads), log.jsonl (one line per logging step).
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from crops import MultiCrop
+from data import pretrain_dataset
+from loss import PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule
+from retrieval import ArcFace, select_batch
+from vit import ARCHS, no_weight_decay
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="toy", help="toy, a name under the data root (ms1m), or a path")
+    p.add_argument("--data-root", default=None, help="where dataset names resolve (default: $PROS_DATA, else ./data)")
+    p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: ViT-S/16)")
+    p.add_argument("--epochs", type=int, default=20, help="§3.3")
+    p.add_argument("--batch-size", type=int, default=64, help="images per process (§3.3: 64 x 4 GPUs)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak lr after warmup for a global batch of 256; "
+                   "scaled by global batch / 256 (§3.3)")
+    p.add_argument("--warmup-lr", type=float, default=2e-4, help="initial lr, scaled the same way (§3.3)")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine decay (§3.3)")
+    p.add_argument("--warmup-epochs", type=float, default=2, help="§3.3")
+    p.add_argument("--weight-decay", type=float, default=0.04, help="AdamW; none on biases, norms, "
+                   "pos_embed, cls_token, prototypes (§3.3)")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="max global gradient norm (unstated; DINO's 3.0)")
+    p.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA momentum, cosine to 1 (DINO)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth (unstated; DINO's 0.1)")
+    p.add_argument("--n-prototypes", type=int, default=1024, help="K (§3.3)")
+    p.add_argument("--out-dim", type=int, default=256, help="projector output and prototype dim d (§3.2)")
+    p.add_argument("--tau-teacher", type=float, default=0.025, help="tau_g (§3.3)")
+    p.add_argument("--tau-student", type=float, default=0.1, help="tau_l (§3.3)")
+    p.add_argument("--global-size", type=int, default=224, help="global crop side (§3.2)")
+    p.add_argument("--local-size", type=int, default=96, help="local crop side (§3.2)")
+    p.add_argument("--n-global", type=int, default=2, help="M global views (DINO's 2)")
+    p.add_argument("--n-local", type=int, default=8, help="N local views (unstated; DINO's 8)")
+    p.add_argument("--arcface", default=None, help="ONNX recogniser: enables the face-aware retrieval (§3)")
+    p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below are displaced (§3)")
+    p.add_argument("--n-candidates", type=int, default=12, help="C local candidates per image with --arcface")
+    p.add_argument("--out", default="runs/pretrain", help="checkpoints and logs; an existing run resumes")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every this many steps (0: per epoch)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader processes per training process")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup_distributed():
+    """(rank, world size, device). Under torchrun: NCCL on CUDA, gloo on CPU; else one process."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def all_mean(values):
+    """Average a list of floats over processes (for logging and the non-finite check)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- data
+
+class Views(torch.utils.data.Dataset):
+    """Index epoch * n + i -> the multi-crop views of image i. Each sample seeds its own RNG from
+    (seed, epoch, i), so its crops do not depend on workers, ranks or resuming."""
+
+    def __init__(self, images, multicrop, seed):
+        self.images, self.multicrop, self.seed = images, multicrop, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        torch.manual_seed(self.seed * 1_000_003 + index)
+        img = self.images[index % len(self.images)]
+        return None if img is None else self.multicrop(img)
+
+
+def collate(samples):
+    """Stack the readable samples; count the unreadable ones (skipped, never fatal)."""
+    ok = [s for s in samples if s is not None]
+    if not ok:
+        raise RuntimeError(f"all {len(samples)} images of a batch were unreadable: check the dataset")
+    g, l, raw = (torch.stack(x) for x in zip(*ok))
+    return dict(global_views=g, local_views=l, raw=raw, skipped=len(samples) - len(ok))
+
+
+def epoch_loader(views, args, epoch, start_batch, world, rank, pin):
+    """This process's batches of `epoch`, from batch `start_batch` on (to resume mid-epoch)."""
+    sampler = DistributedSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    indices = [epoch * len(views) + i for i in sampler][start_batch * args.batch_size:]
+    # its own generator: creating a loader must not advance the global RNG (exact resume)
+    return DataLoader(views, batch_size=args.batch_size, sampler=indices, num_workers=args.workers,
+                      collate_fn=collate, pin_memory=pin, drop_last=True,
+                      generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
+# ----------------------------------------------------------------------------- model
+
+class Encoder(nn.Module):
+    """Backbone + projector: teacher and student have this same layout (DINO's keys: backbone.*, head.*)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class ProS(nn.Module):
+    """The trainable part, wrapped whole by DDP: student encoder and prototypes (inside the loss)."""
+
+    def __init__(self, student, criterion):
+        super().__init__()
+        self.student, self.criterion = student, criterion
+
+    def forward(self, local_views, z_teacher):
+        B, N = local_views.shape[:2]
+        z_student = self.student(local_views.flatten(0, 1)).view(B, N, -1)  # (B, N, d)
+        return self.criterion(z_teacher, z_student)
+
+
+def build_models(args):
+    """(ProS student module, teacher encoder): the teacher starts as a copy of the student (§3.3)."""
+    make = lambda drop: Encoder(ARCHS[args.arch](drop_path_rate=drop),
+                                ProjectionHead(ARCHS[args.arch]().embed_dim, args.out_dim))
+    student, teacher = make(args.drop_path), make(0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    criterion = PrototypeLoss(args.n_prototypes, args.out_dim, args.tau_teacher, args.tau_student)
+    return ProS(student, criterion), teacher
+
+
+def param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if no_weight_decay(name, p) or name.endswith("prototypes") else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def select_local_views(batch, arcface, args, generator):
+    """Face-aware retrieval for a batch: one recogniser call on all raw crops, keep N of C candidates.
+    Returns the local views (B, N, 3, L, L) and the selection counts."""
+    local = batch["local_views"]
+    if arcface is None:
+        return local, {}
+    B, n_raw = batch["raw"].shape[:2]
+    emb = arcface.embed(batch["raw"].flatten(0, 1)).view(B, n_raw, -1).cpu()  # (B, M + C, D)
+    idx, stats = select_batch(emb, args.n_global, args.n_local, args.face_threshold, generator)
+    return local[torch.arange(B)[:, None], idx], stats
+
+
+def training_step(model, teacher, optimizer, global_views, local_views, lr, momentum, clip_grad):
+    """One ProS step: teacher on the global views, student on the local views, Eq. 2, AdamW, EMA.
+
+    global_views (B, M, 3, G, G), local_views (B, N, 3, L, L) on the model's device. Returns the loss stats.
+    """
+    device = global_views.device
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    B, M = global_views.shape[:2]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.no_grad():
+            z_teacher = teacher(global_views.flatten(0, 1)).view(B, M, -1)  # (B, M, d)
+        loss, stats = model(local_views, z_teacher)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), clip_grad).item()
+    optimizer.step()
+    student = model.module.student if isinstance(model, DistributedDataParallel) else model.student
+    ema_update(teacher, student, momentum)
+    return stats
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    images = pretrain_dataset(args.data, args.data_root)
+    arcface = None
+    if args.arcface:
+        arcface = ArcFace(args.arcface)
+        arcface.session  # a broken model file fails here, before any training
+    elif rank == 0:
+        print("no --arcface: local crops are uncurated (no face-aware retrieval)")
+    multicrop = MultiCrop(args.global_size, args.local_size, args.n_global, args.n_local,
+                          args.n_candidates if arcface else args.n_local)
+    views = Views(images, multicrop, args.seed)
+
+    model, teacher = build_models(args)
+    model.to(device)
+    teacher.to(device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay))
+
+    global_batch = args.batch_size * world
+    steps_per_epoch = len(images) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"dataset {args.data}: {len(images)} images, fewer than one global batch of {global_batch}")
+    total_steps = args.epochs * steps_per_epoch
+    scale = global_batch / 256  # linear scaling rule: the paper's rates are for 64 x 4 = 256 images
+    lr_at = lambda s: cosine_schedule(s, total_steps, args.lr * scale, args.min_lr,
+                                      int(args.warmup_epochs * steps_per_epoch), args.warmup_lr * scale)
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    step = 0
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"])
+        if rank == 0:
+            print(f"resuming {ckpt_path} at step {step} of {total_steps}")
+
+    def save():
+        if rank == 0:
+            save_atomic(dict(student=model.state_dict(), teacher=teacher.state_dict(),
+                             optimizer=optimizer.state_dict(), step=step, rng=torch.get_rng_state(),
+                             args=vars(args)), ckpt_path)
+            save_atomic(teacher.backbone.state_dict(), os.path.join(args.out, "teacher_backbone.pth"))
+
+    if rank == 0:
+        print(f"{len(images)} images, global batch {global_batch} ({world} x {args.batch_size}), "
+              f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {args.lr * scale:.2e}")
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    skipped, tick = 0, time.time()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world, rank, device.type == "cuda")
+        for batch in loader:
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            local_views, rstats = select_local_views(batch, arcface, args, generator)
+            lr, momentum = lr_at(step), momentum_schedule(step, total_steps, args.momentum_teacher)
+            stats = training_step(ddp, teacher, optimizer, batch["global_views"].to(device, non_blocking=True),
+                                  local_views.to(device, non_blocking=True), lr, momentum, args.clip_grad)
+            step += 1
+            skipped += batch["skipped"]
+            keys = ["loss", "cross_entropy", "mean_entropy", "teacher_entropy", "student_entropy"]
+            stats.update(zip(keys, all_mean([stats[k] for k in keys])))
+            if not torch.isfinite(torch.tensor(stats["loss"])):
+                raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is {ckpt_path}")
+            if rank == 0 and (step % args.log_every == 0 or step == total_steps):
+                rate = args.log_every * global_batch / (time.time() - tick)
+                reject = rstats["rejected"] / rstats["candidates"] if rstats else 0.0
+                row = dict(step=step, epoch=step / steps_per_epoch, lr=lr, momentum=momentum, images_per_s=rate,
+                           reject_rate=reject, skipped=skipped, **stats)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", ce=f"{stats['cross_entropy']:.3f}",
+                                H=f"{stats['mean_entropy']:.2f}", lr=f"{lr:.1e}", img_s=f"{rate:.0f}",
+                                reject=f"{reject:.0%}")
+                tick = time.time()
+            bar.update(1)
+            if step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0):
+                save()
+            if step >= total_steps:
+                break
+    bar.close()
+    if rank == 0:
+        print(f"done: {total_steps} steps; teacher backbone in {os.path.join(args.out, 'teacher_backbone.pth')}"
+              + (f"; {skipped} unreadable images skipped" if skipped else ""))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,193 @@
+"""Face-aware retrieval (paper §3, Fig. 3): keep the local crops that an ArcFace recogniser finds similar
+to the global crops of the same image, displace the rest.
+
+    python retrieval.py --arcface w600k_r50.onnx img1.jpg img2.jpg --out figure3.png
+
+`ArcFace` runs any insightface-style recognition model with onnxruntime (../shared/FORMATS.md): one
+input (B, 3, H, W) RGB in (x - 127.5) / 127.5, H and W read from the model, output an embedding that we
+L2-normalise. `select` applies the paper's rule with threshold theta = -0.5: a candidate whose cosine
+similarity to the global crops is below theta is dropped, and the N local slots are filled from those
+that pass. The figure draws each image's global crops on top and its candidates below, the rejected
+ones framed in red with their similarity.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from data import to_rgb
+
+
+class ArcFace:
+    """An ONNX face recogniser. The onnxruntime session is created on first use, in the process that
+    uses it, so the object can be pickled to DataLoader workers.
+
+    normalize=False is for old MXNet-converted graphs whose first nodes subtract and scale by themselves:
+    they are fed raw 0..255 values, as insightface does.
+    """
+
+    def __init__(self, onnx_path, providers=None, threads=None, normalize=True):
+        if not os.path.isfile(onnx_path):
+            raise FileNotFoundError(f"{onnx_path}: ArcFace model not found")
+        self.path, self.threads, self.normalize = onnx_path, threads, normalize
+        self.providers = providers
+        self._session = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_session"] = None
+        return state
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+            opts = ort.SessionOptions()
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+            providers = self.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                                           if p in ort.get_available_providers()]
+            try:
+                self._session = ort.InferenceSession(self.path, opts, providers=providers)
+            except Exception as e:
+                raise ValueError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0][:120]})") from None
+            inp = self._session.get_inputs()[0]
+            if len(inp.shape) != 4 or inp.shape[1] != 3 or not all(isinstance(s, int) for s in inp.shape[2:]):
+                raise ValueError(f"{self.path}: input {inp.name} has shape {inp.shape}, expected (B, 3, H, W)")
+            self.input_name, self.size = inp.name, tuple(inp.shape[2:])
+            self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        return self._session
+
+    def preprocess(self, images):
+        """uint8 RGB (B, 3, H, W) tensor or a list of PIL images -> float32 (B, 3, h, w) model input."""
+        self.session  # reads the model's input size
+        if isinstance(images, (list, tuple)):  # PIL images may differ in size: resize each
+            batches = [pil_to_tensor(to_rgb(im))[None] for im in images]
+        else:
+            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"expected uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            batches = [images]
+        x = torch.cat([b.float() if tuple(b.shape[2:]) == self.size else
+                       F.interpolate(b.float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
+                       for b in batches])
+        return (x - 127.5) / 127.5 if self.normalize else x
+
+    def run(self, x):
+        """(B, 3, h, w) float32 -> (B, D) raw embeddings; one call per batch, or a loop for fixed-batch graphs."""
+        if x.is_cuda and "CUDAExecutionProvider" in self.session.get_providers():
+            return self._run_cuda(x)
+        x = x.cpu().numpy()
+        if self.fixed_batch is None:
+            return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+        outs = []
+        for i in range(0, len(x), self.fixed_batch):
+            chunk = x[i:i + self.fixed_batch]
+            pad = self.fixed_batch - len(chunk)  # a last, short chunk is padded to the fixed batch
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
+            outs.append(self.session.run(None, {self.input_name: chunk})[0][:len(chunk) - pad])
+        return torch.from_numpy(np.concatenate(outs))
+
+    def _run_cuda(self, x):
+        """onnxruntime-gpu fed straight from a CUDA tensor through IO binding: no host round trip."""
+        x = x.contiguous().float()
+        out_meta = self.session.get_outputs()[0]
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", x.device.index or 0, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(out_meta.name, "cuda", x.device.index or 0)
+        self.session.run_with_iobinding(binding)
+        return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(x.device)
+
+    @torch.no_grad()
+    def embed(self, images):
+        """uint8 RGB (B, 3, H, W) tensor (any H, W) or list of PIL images -> (B, D) float32, unit norm."""
+        return F.normalize(self.run(self.preprocess(images)).float(), dim=-1)
+
+
+def similarity(global_emb, local_emb):
+    """Cosine similarity of each local candidate to the global crops of its image: (C,).
+
+    We take the MEAN over the M globals: Eq. 3 pairs every local view with every global view, so a
+    kept crop should resemble the globals on average, not just one of them.
+    """
+    return (local_emb @ global_emb.T).mean(dim=1)
+
+
+def select(global_emb, local_emb, n_local, threshold=-0.5, generator=None):
+    """Indices of the N local views to keep among C candidates, and counts for logging.
+
+    global_emb (M, D), local_emb (C, D): unit-norm embeddings of one image's raw crops.
+    Candidates with similarity < threshold are displaced. The N slots are filled with the passing
+    candidates in random order; when fewer than N pass, passing ones are reused (drawn at random);
+    when none passes, the N most similar candidates are kept (a fallback: the image still trains,
+    and the count shows how often it happened).
+    """
+    sim = similarity(global_emb, local_emb)
+    passing = torch.nonzero(sim >= threshold).flatten()
+    n_pass = len(passing)
+    if n_pass == 0:
+        indices = sim.argsort(descending=True)[:n_local]
+        if len(indices) < n_local:
+            indices = indices[torch.arange(n_local) % len(indices)]
+    else:
+        order = passing[torch.randperm(n_pass, generator=generator)]
+        extra = order[torch.randint(n_pass, (max(0, n_local - n_pass),), generator=generator)]
+        indices = torch.cat([order[:n_local], extra])
+    stats = dict(candidates=len(sim), rejected=len(sim) - n_pass, reused=max(0, n_local - n_pass) if n_pass else 0,
+                 fallbacks=int(n_pass == 0))
+    return indices, stats
+
+
+def select_batch(embeddings, n_global, n_local, threshold=-0.5, generator=None):
+    """select() for a batch: embeddings (B, M + C, D) -> indices (B, N) and summed stats."""
+    picks, total = [], {}
+    for emb in embeddings:
+        idx, stats = select(emb[:n_global], emb[n_global:], n_local, threshold, generator)
+        picks.append(idx)
+        total = {k: total.get(k, 0) + v for k, v in stats.items()}
+    return torch.stack(picks), total
+
+
+# ----------------------------------------------------------------------------- Figure 3
+
+def figure3(arcface, paths, n_candidates=12, threshold=-0.5, seed=0):
+    """Each image: global crops (row 1), local candidates (row 2) with rejected ones framed in red."""
+    from crops import MultiCrop, contact_sheet
+    from data import load_image
+    torch.manual_seed(seed)
+    mc = MultiCrop(n_candidates=n_candidates)
+    rows, boxes, captions = [], [], []
+    for path in paths:
+        img = load_image(path)
+        if img is None:
+            raise ValueError(f"{path}: not a readable image")
+        g, l = mc.sample(img)
+        emb = arcface.embed(g + l)
+        sim = similarity(emb[:len(g)], emb[len(g):])
+        rows += [g, l]
+        boxes += [[None] * len(g), [(255, 0, 0) if s < threshold else None for s in sim]]
+        captions += [[None] * len(g), [f"{s:.2f}" for s in sim]]
+    return contact_sheet(rows, boxes=boxes, captions=captions)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--arcface", required=True, help="ONNX recognition model (insightface layout)")
+    p.add_argument("--face-threshold", type=float, default=-0.5, help="theta (paper: -0.5)")
+    p.add_argument("--n-candidates", type=int, default=12, help="local candidates C per image")
+    p.add_argument("--raw-input", action="store_true", help="the graph normalises inside (old MXNet exports)")
+    p.add_argument("--out", default="figure3.png")
+    a = p.parse_args()
+    sheet = figure3(ArcFace(a.arcface, normalize=not a.raw_input), a.images, a.n_candidates, a.face_threshold)
+    sheet.save(a.out)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
