@@ -31,8 +31,11 @@ from retrieval import ArcFace, select_batch
 from vit import ARCHS, no_weight_decay
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default."""
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default="toy", help="toy, a name under the data root (ms1m), or a path")
     p.add_argument("--data-root", default=None, help="where dataset names resolve (default: $PROS_DATA, else ./data)")
     p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: ViT-S/16)")
@@ -63,7 +66,7 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every this many steps (0: per epoch)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--workers", type=int, default=8, help="DataLoader processes per training process")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
     return p.parse_args(argv)
 
 

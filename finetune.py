@@ -1,0 +1,329 @@
+"""The fine-tuning recipe shared by the three downstream tasks (paper §4.1); the task scripts run it.
+
+    python finetune_attr.py --dataset toy --init runs/pretrain/teacher_backbone.pth --frac 0.01 --runs 5
+
+What every task shares (and only that): the backbone from --init (random, ours, DINO, DeiT/timm, MAE,
+MSN: Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen backbone),
+AdamW with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs (--runs, mean and std
+as the paper's 5 runs), batched evaluation on the test split, results.json, DDP under torchrun, bf16
+autocast on CUDA, checkpoint + resume. A task supplies its data, head, loss, predictions and metrics.
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from crops import IMAGENET_MEAN, IMAGENET_STD
+from data import data_root, load_image
+from loss import cosine_schedule
+from pretrain import HelpFormatter, all_mean, save_atomic, setup_distributed
+from vit import ARCHS, load_pretrained, no_weight_decay
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default."""
+
+def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_size=256, notes=None):
+    """The flags every task script has; the defaults passed in are the paper's for that task, `notes`
+    replaces a flag's help text where a task must explain its default."""
+    notes = notes or {}
+    p.add_argument("--dataset", default=datasets[0], choices=datasets)
+    p.add_argument("--data", default=None, help="dataset folder (default: <data root>/<dataset>)")
+    p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
+    p.add_argument("--init", default="random", help="'random' or a checkpoint: ours (teacher_backbone.pth or "
+                   "checkpoint.pth), DINO, DeiT/timm, MAE, MSN")
+    p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (paper: vit_small; MAE: vit_base)")
+    p.add_argument("--frac", type=float, default=1.0, help="few-shot: keep floor(frac * n_train) training images")
+    p.add_argument("--runs", type=int, default=1, help="repeat with seeds seed..seed+runs-1 (paper: 5)")
+    p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
+    p.add_argument("--head-only", action="store_true", help="freeze the backbone, train the head (linear probe)")
+    p.add_argument("--epochs", type=int, default=epochs, help=notes.get("epochs", "training epochs"))
+    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch, split over processes")
+    p.add_argument("--lr", type=float, default=lr, help=notes.get("lr", "") + " effective lr for a global batch "
+                   "of 256; scaled linearly with the real global batch")
+    p.add_argument("--min-lr", type=float, default=0.0, help="the lr decays to this (paper: to zero)")
+    p.add_argument("--weight-decay", type=float, default=weight_decay, help=notes.get("weight_decay", "AdamW; "
+                   "none on biases, norms, pos_embed, cls_token"))
+    p.add_argument("--layer-decay", type=float, default=layer_decay, help=notes.get("layer_decay", "") +
+                   " block i of L gets lr * layer_decay^(L+1-i); the head gets lr")
+    p.add_argument("--warmup-epochs", type=float, default=5, help="linear warmup (unstated; MAE's 5)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth (unstated; MAE's 0.1)")
+    p.add_argument("--img-size", type=int, default=224, help="inputs are resized to this (§4.3: 224)")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many epochs (0: at the end)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader processes")
+    p.add_argument("--out", default=None, help="results.json and checkpoints (default: runs/<script>-<dataset>)")
+
+
+# ----------------------------------------------------------------------------- data
+
+class LabelledImages(torch.utils.data.Dataset):
+    """(path, target) items -> transform(image, target); an unreadable image gives None (skipped).
+
+    An item may carry a face box (path, target, (x0, y0, x1, y1)): the image is cropped to it when the
+    box lies inside the image (a full photo); an image smaller than its box is taken to be a face crop
+    already and used whole.
+    """
+
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, target, *box = self.items[i]
+        img = load_image(path)
+        if img is None:
+            return None
+        if box and box[0] is not None:
+            x0, y0, x1, y1 = box[0]
+            inside = 0 <= x0 and 0 <= y0 and x1 <= img.width and y1 <= img.height
+            if inside and (x1 - x0 < img.width or y1 - y0 < img.height):
+                img = img.crop((x0, y0, x1, y1))
+        return self.transform(img, target)
+
+
+def image_transform(img_size, train):
+    """Attributes and expressions: resize to img_size (§4.3), random flip for training, normalise."""
+    steps = [v2.PILToTensor(), v2.Resize((img_size, img_size), antialias=True)]
+    steps += [v2.RandomHorizontalFlip()] if train else []
+    t = v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return lambda img, target: (t(img), target)
+
+
+def collate(samples):
+    """Stack readable samples; the number skipped rides along."""
+    ok = [s for s in samples if s is not None]
+    images = torch.stack([s[0] for s in ok]) if ok else None
+    targets = torch.stack([torch.as_tensor(s[1]) for s in ok]) if ok else None
+    return images, targets, len(samples) - len(ok)
+
+
+def few_shot_indices(n_train, frac, seed):
+    """A random subset of exactly floor(frac * n_train) training indices, chosen by `seed`."""
+    k = int(math.floor(frac * n_train + 1e-9))
+    if not 0 < k <= n_train:
+        raise ValueError(f"--frac {frac} of {n_train} training images keeps {k}: need 1..{n_train}")
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_train, generator=g)[:k].tolist())
+
+
+def epoch_indices(n, epoch, seed, rank, world, weights=None):
+    """This process's sample order for an epoch: a permutation, or with `weights` n draws with
+    replacement (class-balanced sampling). The same on every process, then sharded rank::world."""
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    order = torch.multinomial(weights, n, replacement=True, generator=g) if weights is not None \
+        else torch.randperm(n, generator=g)
+    return order[rank::world].tolist()
+
+
+# ----------------------------------------------------------------------------- model and optimiser
+
+def build_backbone(args):
+    backbone = ARCHS[args.arch](drop_path_rate=0.0 if args.head_only else args.drop_path)
+    if args.init != "random":
+        load_pretrained(backbone, args.init)
+    return backbone
+
+
+def param_groups_layer_decay(model, weight_decay, layer_decay, backbone_lr_scale=1.0):
+    """AdamW groups with an `lr_scale`: the embeddings (patch_embed, cls_token, pos_embed) are layer 0,
+    block i (1-based) layer i, everything after the blocks (final norm, head) layer L+1; layer j gets
+    layer_decay ** (L + 1 - j), and every backbone parameter also backbone_lr_scale.
+    No weight decay on biases, norms, pos_embed, cls_token. `model` has the ViT as `model.backbone`."""
+    n_layers = len(model.backbone.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed")):
+            layer = 0
+        elif name.startswith("backbone.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        else:
+            layer = n_layers + 1
+        decay = 0.0 if no_weight_decay(name, p) else weight_decay
+        scale = layer_decay ** (n_layers + 1 - layer) * (backbone_lr_scale if name.startswith("backbone.") else 1.0)
+        group = groups.setdefault((scale, decay), dict(params=[], weight_decay=decay, lr_scale=scale))
+        group["params"].append(p)
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------- tasks
+
+class Task:
+    """What a task script supplies. Subclasses set `name`, `main_metric` (a key of the flattened
+    metrics, e.g. 'test/mean_accuracy'), `higher_is_better`, `shown` (keys printed), and implement
+    add_args, datasets, build_model, loss, metrics. A train set with a `weights` tensor is sampled
+    with replacement in proportion to it (class-balanced sampling)."""
+    higher_is_better = True
+
+    def predict(self, model, images):
+        return model(images)
+
+    def summary(self, flat, std=None):
+        return ", ".join(f"{k} {flat[k]:.4f}" + (f" ({std[k]:.4f})" if std else "") for k in self.shown if k in flat)
+
+
+# ----------------------------------------------------------------------------- train and evaluate
+
+@torch.no_grad()
+def evaluate(task, model, dataset, args, device):
+    """Batched predictions over a test set -> the task's metrics (+ how many images were unreadable)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=max(1, args.batch_size), num_workers=args.workers, collate_fn=collate)
+    preds, targets, skipped = [], [], 0
+    for images, target, n_skipped in tqdm(loader, desc="eval", leave=False):
+        skipped += n_skipped
+        if images is None:
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            preds.append(task.predict(model, images.to(device)).float().cpu())
+        targets.append(target)
+    metrics = task.metrics(torch.cat(preds), torch.cat(targets), dataset)
+    if skipped:
+        metrics["unreadable_images"] = skipped
+    return metrics
+
+
+def train_one(task, args, train_set, tests, run, rank, world, device):
+    """One run (seed = args.seed + run): subset, model, training, final (and best) metrics."""
+    seed = args.seed + run
+    run_dir = os.path.join(args.out, f"run{run}")
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    os.makedirs(run_dir, exist_ok=True)
+    subset = few_shot_indices(len(train_set), args.frac, seed)
+    train = torch.utils.data.Subset(train_set, subset)
+    torch.manual_seed(seed)
+    model = task.build_model(build_backbone(args), args)
+    if args.head_only:
+        model.backbone.requires_grad_(False)
+    model.to(device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    optimizer = torch.optim.AdamW(param_groups_layer_decay(model, args.weight_decay, args.layer_decay,
+                                                           getattr(args, "backbone_lr_scale", 1.0)))
+    per_process = max(1, args.batch_size // world)
+    steps_per_epoch = max(1, len(subset) // world // per_process)
+    total = args.epochs * steps_per_epoch
+    peak = args.lr * per_process * world / 256  # linear scaling from the reference batch of 256
+    lr_at = lambda s: cosine_schedule(s, total, peak, args.min_lr, int(args.warmup_epochs * steps_per_epoch))
+    weights = train_set.weights[subset] if getattr(train_set, "weights", None) is not None else None
+
+    ckpt_path, start_epoch, history = os.path.join(run_dir, "checkpoint.pth"), 0, []
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"])
+        if rank == 0:
+            print(f"resuming {ckpt_path} at epoch {start_epoch}")
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, disable=rank != 0, desc=f"run {run}",
+               dynamic_ncols=True)
+    skipped = 0
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        if args.head_only:
+            model.backbone.eval()
+        order = epoch_indices(len(subset), epoch, seed, rank, world, weights)
+        loader = DataLoader(train, batch_size=per_process, sampler=order[:steps_per_epoch * per_process],
+                            num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(seed + epoch))
+        for i, (images, targets, n_skipped) in enumerate(loader):
+            step = epoch * steps_per_epoch + i
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step) * g["lr_scale"]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = task.loss(ddp(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            skipped += n_skipped
+            loss_value = all_mean([loss.item()])[0]
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}; last checkpoint {ckpt_path}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step):.1e}")
+            bar.update(1)
+        last = epoch + 1 == args.epochs
+        if rank == 0 and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
+            metrics = {name: evaluate(task, model, ds, args, device) for name, ds in tests.items()}
+            history.append(dict(epoch=epoch + 1, **metrics))
+            tqdm.write(f"run {run} epoch {epoch + 1}: {task.summary(flatten(metrics))}")
+        if rank == 0:
+            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                             history=history, rng=torch.get_rng_state()), ckpt_path)
+        if dist.is_initialized():
+            dist.barrier()
+    bar.close()
+    sign = 1 if task.higher_is_better else -1
+    best = max(history, key=lambda h: sign * flatten(h)[task.main_metric])
+    result = dict(seed=seed, n_train=len(subset), skipped_train_images=skipped, final=history[-1],
+                  best_epoch=best, history=history)
+    if rank == 0:
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def flatten(metrics, prefix=""):
+    """Nested metric dicts -> {'test/mean_accuracy': x, ...} of the numbers alone."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and k != "epoch":
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def main(task, argv=None):
+    """Parse the task's command line, run --runs runs, write <out>/results.json."""
+    p = argparse.ArgumentParser(description=task.__doc__, formatter_class=HelpFormatter)
+    task.add_args(p)
+    args = p.parse_args(argv)
+    args.data = args.data or os.path.join(data_root(args.data_root), args.dataset)
+    args.out = args.out or os.path.join("runs", f"{task.name}-{args.dataset}")
+    rank, world, device = setup_distributed()
+    train_set, tests = task.datasets(args)
+    n_keep = int(math.floor(args.frac * len(train_set) + 1e-9))
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        print(f"{args.dataset}: {len(train_set)} training images, --frac {args.frac} keeps {n_keep}; "
+              f"test: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()))
+    runs = [train_one(task, args, train_set, tests, r, rank, world, device) for r in range(args.runs)]
+    finals = [flatten(r["final"]) for r in runs]
+    mean = {k: sum(f[k] for f in finals) / len(finals) for k in finals[0]}
+    std = {k: (sum((f[k] - mean[k]) ** 2 for f in finals) / max(1, len(finals) - 1)) ** 0.5 for k in finals[0]}
+    results = dict(args=vars(args), n_train_total=len(train_set), n_train=n_keep, runs=runs, mean=mean, std=std)
+    if rank == 0:
+        save_atomic_json(results, os.path.join(args.out, "results.json"))
+        print(f"{len(runs)} run(s), final epoch, mean (std): " + task.summary(mean, std))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+def save_atomic_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_cli(task):
+    """Entry point of a task script: bad input is one line on stderr and a non-zero exit."""
+    try:
+        main(task)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}")

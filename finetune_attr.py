@@ -1,0 +1,164 @@
+"""Face attributes on CelebA and LFWA (paper §3.5, §4.1; Tables 1 and 2).
+
+    python finetune_attr.py --frac 0.002 --init runs/pretrain/teacher_backbone.pth --runs 5   # CelebA 0.2%
+    python finetune_attr.py --dataset lfwa --frac 0.05
+    python finetune_attr.py --dataset toy --arch vit_tiny --img-size 112 --epochs 20          # CPU
+
+Model (§4.1): the cls token of the last layer, layer-normalised (the ViT's final LayerNorm), then one
+logit per attribute: one Linear(D, A) is exactly A separate linear heads, computed together. Mean
+binary cross-entropy over attributes; metric: mean accuracy over attributes (each one's in results.json).
+
+Data (../shared/FORMATS.md): CelebA's img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt
+(train = partition 0, test = partition 2). LFWA: lfw_att_40.mat + indices_train_test.mat (needs h5py),
+or the same plain-text layout as CelebA. The number of attributes comes from the file header.
+"""
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import finetune
+from finetune import LabelledImages, image_transform
+
+SPLITS = {"0": "train", "1": "val", "2": "test"}
+
+
+def _open(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing ({what})")
+    return open(path)
+
+
+def read_celeba(path):
+    """A CelebA-layout folder -> dict(attributes=[names], train/val/test=[(image path, 0/1 array)]).
+
+    list_attr_celeba.txt (or list_attr.txt): line 1 the image count, line 2 the attribute names, then
+    `000001.jpg -1  1 ...` (values -1/1, or 0/1, separated by one or more spaces; -1 -> 0).
+    list_eval_partition.txt: `000001.jpg 0` with 0 train, 1 val, 2 test. Images in img_align_celeba/.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder (expected img_align_celeba/, list_attr_celeba.txt, "
+                                "list_eval_partition.txt; or try --dataset toy)")
+    attr_file = next((os.path.join(path, f) for f in ("list_attr_celeba.txt", "list_attr.txt")
+                      if os.path.isfile(os.path.join(path, f))), os.path.join(path, "list_attr_celeba.txt"))
+    with _open(attr_file, "attribute labels") as f:
+        lines = f.read().splitlines()
+    try:
+        count = int(lines[0].strip())
+    except (ValueError, IndexError):
+        raise ValueError(f"{attr_file}:1: expected the number of images") from None
+    names = lines[1].split() if len(lines) > 1 else []
+    labels = {}
+    for n, line in enumerate(lines[2:], start=3):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) != len(names) + 1 or any(t not in ("-1", "0", "1") for t in tokens[1:]):
+            raise ValueError(f"{attr_file}:{n}: expected an image name and {len(names)} values -1/1, "
+                             f"got {len(tokens) - 1} tokens")
+        labels[tokens[0]] = np.array([t == "1" for t in tokens[1:]], np.float32)
+    if len(labels) != count:
+        raise ValueError(f"{attr_file}: line 1 says {count} images, the file lists {len(labels)}")
+    images = os.path.join(path, "img_align_celeba")
+    images = images if os.path.isdir(images) else path
+    out = dict(attributes=names, train=[], val=[], test=[])
+    part_file = os.path.join(path, "list_eval_partition.txt")
+    with _open(part_file, "train/val/test partition") as f:
+        for n, line in enumerate(f, start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 2 or tokens[1] not in SPLITS or tokens[0] not in labels:
+                raise ValueError(f"{part_file}:{n}: expected '<image listed in {os.path.basename(attr_file)}> "
+                                 f"0|1|2', got {line.strip()!r}")
+            out[SPLITS[tokens[1]]].append((os.path.join(images, tokens[0]), labels[tokens[0]]))
+    return out
+
+
+def read_lfwa_mat(path):
+    """LFWA as distributed: lfw_att_40.mat (name, label, AttrName) and indices_train_test.mat (1-based
+    indices_img_train / indices_img_test), MATLAB v7.3 = HDF5; images under lfw/ (names use backslashes)."""
+    try:
+        import h5py
+    except ImportError:
+        raise ValueError("reading LFWA's .mat files needs h5py: pip install h5py "
+                         "(or convert LFWA once to the CelebA text layout)") from None
+    text = lambda f, ref: "".join(chr(c) for c in np.asarray(f[ref]).flatten())
+    with h5py.File(os.path.join(path, "lfw_att_40.mat"), "r") as f:
+        names = [text(f, r) for r in np.asarray(f["name"]).flatten()]
+        labels = np.asarray(f["label"], np.float32)
+        attrs = [text(f, r) for r in np.asarray(f["AttrName"]).flatten()]
+    if labels.shape[0] != len(names):  # MATLAB stores column-major: (A, N) arrives transposed
+        labels = labels.T
+    with h5py.File(os.path.join(path, "indices_train_test.mat"), "r") as f:
+        train, test = (np.asarray(f[k]).flatten().astype(int) - 1 for k in ("indices_img_train", "indices_img_test"))
+    root = os.path.join(path, "lfw") if os.path.isdir(os.path.join(path, "lfw")) else path
+    item = lambda i: (os.path.join(root, *names[i].replace("\\", "/").split("/")), labels[i])
+    return dict(attributes=attrs, train=[item(i) for i in train], val=[], test=[item(i) for i in test])
+
+
+def read_attributes(args):
+    if args.dataset == "toy":
+        import toyfaces
+        return read_celeba(os.path.join(toyfaces.ensure_world(finetune.data_root(args.data_root)), "celeba"))
+    if args.dataset == "lfwa" and os.path.isfile(os.path.join(args.data, "lfw_att_40.mat")):
+        return read_lfwa_mat(args.data)
+    return read_celeba(args.data)
+
+
+class AttributeModel(nn.Module):
+    """ViT -> normalised feature -> A logits. pool='cls': the last layer's cls token after the ViT's final
+    LayerNorm (§4.1); pool='mean': mean of the last layer's patch tokens + a LayerNorm (authors' code)."""
+
+    def __init__(self, backbone, n_attributes, pool="cls"):
+        super().__init__()
+        self.backbone, self.pool = backbone, pool
+        self.fc_norm = nn.LayerNorm(backbone.embed_dim, eps=1e-6) if pool == "mean" else nn.Identity()
+        self.head = nn.Linear(backbone.embed_dim, n_attributes)  # A separate linear heads, side by side
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, x):
+        if self.pool == "mean":
+            return self.fc_norm(self.backbone.get_intermediate_layers(x, [len(self.backbone.blocks)])[0].mean(1))
+        return self.backbone(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class Attributes(finetune.Task):
+    __doc__ = __doc__
+    name, main_metric = "attr", "test/mean_accuracy"
+    shown = ["test/mean_accuracy"]
+
+    def add_args(self, p):
+        finetune.add_common_args(p, ["celeba", "lfwa", "toy"], lr=5e-4, weight_decay=0.05, layer_decay=0.65,
+                                 epochs=100)
+        p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="cls token (§4.1) or mean of "
+                       "patch tokens (the authors' released variant)")
+
+    def datasets(self, args):
+        data = read_attributes(args)
+        self.attributes = data["attributes"]
+        if not data["train"] or not data["test"]:
+            raise ValueError(f"{args.data}: empty train or test split")
+        return (LabelledImages(data["train"], image_transform(args.img_size, True)),
+                {"test": LabelledImages(data["test"], image_transform(args.img_size, False))})
+
+    def build_model(self, backbone, args):
+        return AttributeModel(backbone, len(self.attributes), args.pool)
+
+    def loss(self, logits, targets):
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float())  # mean over attributes
+
+    def metrics(self, logits, targets, dataset):
+        acc = ((logits > 0).float() == targets).float().mean(0)  # (A,)
+        return dict(mean_accuracy=acc.mean().item() * 100,
+                    per_attribute={n: a * 100 for n, a in zip(self.attributes, acc.tolist())})
+
+
+if __name__ == "__main__":
+    finetune.run_cli(Attributes())
