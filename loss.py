@@ -36,11 +36,27 @@ class ProjectionHead(nn.Module):
         return self.mlp(x)
 
 
+class _AllReduceMean(torch.autograd.Function):
+    """Average over processes. Every process's loss uses the average, so the gradient reaching this
+    process's input is the average of all their gradients: backward is an all-reduce mean too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x / dist.get_world_size()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / dist.get_world_size()
+
+
 def global_mean(x):
-    """Mean over dim 0 across all processes, differentiable (the gradient is all-reduced too)."""
+    """Mean over dim 0 and over all processes, differentiable: (n, K) -> (K,)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        import torch.distributed.nn.functional as dist_fn
-        return dist_fn.all_reduce(x.mean(0)) / dist.get_world_size()
+        return _AllReduceMean.apply(x.mean(0))
     return x.mean(0)
 
 

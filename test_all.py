@@ -1,0 +1,930 @@
+"""The test suite: every piece of ProS checked on CPU with tiny configs.
+
+    python -m pytest -q test_all.py          # all
+    python -m pytest -q test_all.py -k loss  # one part
+
+Values are computed independently (explicit loops, hand-made examples), not copied from the code.
+"""
+import io
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import vit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_script(*args, cwd=None, env=None):
+    """Run one of the scripts as a user would; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, args[0]), *args[1:]], capture_output=True, text=True,
+                       cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def last_line(text):
+    return text.strip().splitlines()[-1]
+
+
+# ============================================================================= vit.py (issue 2)
+
+def test_vit_small_parameter_count():
+    D, L, P, T = 384, 12, 16, 197
+    block = 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + 2 * D + (D * 4 * D + 4 * D) + (4 * D * D + D)
+    expected = (3 * P * P * D + D) + D + T * D + L * block + 2 * D
+    assert sum(p.numel() for p in vit.vit_small().parameters()) == expected == 21_665_664
+
+
+@pytest.mark.parametrize("size,tokens", [(224, 196), (112, 49), (96, 36)])
+def test_vit_output_shapes(size, tokens):
+    m = vit.vit_tiny().eval()
+    x = torch.randn(2, 3, size, size)
+    assert m(x).shape == (2, 192)
+    assert [t.shape for t in m.get_intermediate_layers(x, (4, 12))] == [(2, tokens, 192)] * 2
+    assert m.get_last_selfattention(x).shape == (2, 3, tokens + 1, tokens + 1)
+
+
+def test_vit_rejects_sizes_not_multiple_of_patch():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        vit.vit_tiny()(torch.randn(1, 3, 100, 100))
+
+
+def test_pos_embed_interpolation_is_identity_at_224():
+    m = vit.vit_tiny()
+    assert vit.resample_pos_embed(m.pos_embed, (14, 14)) is m.pos_embed
+    out = vit.resample_pos_embed(m.pos_embed, (6, 6))
+    assert out.shape == (1, 37, 192) and torch.equal(out[:, 0], m.pos_embed[:, 0])
+
+
+def test_attention_equals_explicit_softmax():
+    torch.manual_seed(0)
+    attn = vit.Attention(24, 3).eval()
+    x = torch.randn(2, 5, 24)
+    q, k, v = attn.qkv(x).reshape(2, 5, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 5, 24))
+    assert torch.allclose(attn(x), expected, atol=1e-5)
+    assert torch.allclose(attn(x, return_attention=True), weights, atol=1e-6)
+
+
+def test_attention_maps_sum_to_one():
+    a = vit.vit_tiny().eval().get_last_selfattention(torch.randn(2, 3, 96, 96))
+    assert torch.allclose(a.sum(-1), torch.ones(2, 3, 37), atol=1e-5) and (a >= 0).all()
+
+
+def test_intermediate_layers_are_one_based():
+    m = vit.vit_tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        t = m.tokens(x)
+        outs = []
+        for blk in m.blocks:
+            t = blk(t)
+            outs.append(t[:, 1:])
+        first, fourth, last = m.get_intermediate_layers(x, (1, 4, 12))
+    assert torch.allclose(first, outs[0]) and torch.allclose(fourth, outs[3]) and torch.allclose(last, outs[11])
+    with pytest.raises(ValueError):
+        m.get_intermediate_layers(x, (0,))
+
+
+def test_drop_path_inactive_in_eval():
+    m = vit.vit_tiny(drop_path_rate=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    assert not torch.allclose(a, m(x))
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("layout", ["dino", "dino_bare", "timm", "msn", "ours"])
+def test_load_pretrained_layouts_round_trip(layout, tmp_path):
+    src = vit.vit_tiny()
+    sd = src.state_dict()
+    head = {"head.weight": torch.randn(10, 192), "head.bias": torch.randn(10)}
+    ckpt = {"dino": {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "head.mlp.0.weight": torch.ones(3)},
+                     "student": {}},
+            "dino_bare": dict(sd),
+            "timm": {"model": {**sd, **head}},
+            "msn": {"target_encoder": {f"module.{k}": v for k, v in sd.items()}},
+            "ours": {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "head.mlp.0.weight": torch.ones(3)},
+                     "student": {"criterion.prototypes": torch.ones(4, 4)}, "step": 3}}[layout]
+    path = str(tmp_path / "ckpt.pth")
+    torch.save(ckpt, path)
+    dst = vit.vit_tiny()
+    missing, unexpected = vit.load_pretrained(dst, path)
+    assert missing == [] and unexpected == []
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(_outputs(src, x), _outputs(dst, x))
+
+
+def test_load_pretrained_interpolates_other_grid():
+    src = vit.vit_tiny(img_size=112)  # a 7x7 grid
+    dst = vit.vit_tiny()
+    vit.load_pretrained(dst, src.state_dict())
+    assert torch.allclose(dst.pos_embed, vit.resample_pos_embed(src.pos_embed, (14, 14)))
+
+
+def test_load_pretrained_bad_files(tmp_path):
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="corrupt.pth"):
+        vit.load_pretrained(vit.vit_tiny(), str(bad))
+    other = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(3), "fc.bias": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="resnet.pth"):
+        vit.load_pretrained(vit.vit_tiny(), str(other))
+    with pytest.raises(ValueError, match="shape"):  # a ViT-S checkpoint into a ViT-Ti
+        vit.load_pretrained(vit.vit_tiny(), vit.vit_small().state_dict())
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        vit.load_pretrained(vit.vit_tiny(), str(tmp_path / "nowhere.pth"))
+
+
+def test_vit_equals_timm_when_installed():
+    timm = pytest.importorskip("timm")
+    ours = vit.vit_small().eval()
+    theirs = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    assert torch.allclose(_outputs(ours, x), _outputs(theirs, x), atol=1e-5)
+
+
+# ============================================================================= the toy world (issue 4)
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """A tiny toy world under <root>/toy, as `--data-root root` and `--dataset toy` find it."""
+    import toyfaces
+    root = tmp_path_factory.mktemp("data")
+    toyfaces.write_world(str(root / "toy"), images=120, seed=0, workers=1, recognizer_steps=40)
+    return str(root)
+
+
+def test_toy_world_reads_back_through_the_real_readers(toy_root):
+    import data
+    from finetune_align import read_300w
+    from finetune_attr import read_celeba
+    from finetune_expr import read_rafdb
+    import toyfaces
+    world = os.path.join(toy_root, "toy")
+    ms1m = data.pretrain_dataset(os.path.join(world, "ms1m"))
+    assert isinstance(ms1m, data.RecordIO) and len(ms1m) == 120
+    assert ms1m[0].size == (112, 112) and int(ms1m.labels(119)[0]) == 11  # 10 images per identity
+    with open(os.path.join(world, "ms1m", "property")) as f:
+        assert f.read() == "12,112,112"
+    celeba = read_celeba(os.path.join(world, "celeba"))
+    assert celeba["attributes"] == toyfaces.ATTRIBUTES
+    assert (len(celeba["train"]), len(celeba["val"]), len(celeba["test"])) == (96, 12, 12)
+    raf = read_rafdb(os.path.join(world, "rafdb"))
+    assert len(raf["train"]) == 72 and len(raf["test"]) == 18 and os.path.isfile(raf["test"][0][0])
+    w300 = read_300w(os.path.join(world, "300w"))
+    flags = [int(t[1][1][0]) for t in w300["test"]]
+    assert len(w300["train"]) > 0 and 0 in flags and 1 in flags
+    img = Image.open(w300["train"][0][0])
+    pts = w300["train"][0][1][0]
+    assert pts.shape == (68, 2) and (pts > 0).all() and (pts < img.size[0]).all()
+
+
+def test_toy_world_is_deterministic(tmp_path):
+    import toyfaces
+    for d in ("a", "b"):
+        toyfaces.write_celeba(str(tmp_path / d), 12, seed=3, workers=1)
+        toyfaces.write_recordio(str(tmp_path / d / "ms1m"), [3, 2], seed=3, workers=1)
+    for name in ("list_attr_celeba.txt", "img_align_celeba/000007.jpg", "ms1m/train.rec", "ms1m/train.idx"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_toy_landmarks_sit_on_the_drawn_face():
+    import toyfaces
+    checked = 0
+    for i in range(60):
+        s = toyfaces.make_image(0, "300w" if i % 2 else "ibug", i, i)
+        lm, (x0, y0, x1, y1) = s["landmarks"], s["box"]
+        assert (lm[:, 0] >= x0 - 1).all() and (lm[:, 0] <= x1 + 1).all() and (lm[:, 1] >= y0 - 1).all()
+        # iBUG order under any in-plane rotation: the jaw runs from image-left to image-right through the chin
+        # and the eyes in the face frame (eye axis = the face's x axis)
+        axis = (lm[45] - lm[36]) / np.linalg.norm(lm[45] - lm[36])
+        assert (lm[16] - lm[0]) @ axis > 0 and (lm[42] - lm[39]) @ axis > 0 and (lm[26] - lm[17]) @ axis > 0
+        down = np.array([-axis[1], axis[0]])
+        assert (lm[8] - lm[27]) @ down > 0 and (lm[57] - lm[51]) @ down > 0
+        gray = np.asarray(s["image"]).astype(float).mean(-1)
+        if s["attributes"][toyfaces.ATTRIBUTES.index("Blurry")]:
+            continue
+        for eye in (lm[36:42], lm[42:48]):  # the pupil is drawn dark at the centre of the eye points
+            cx, cy = np.round(eye.mean(0)).astype(int)
+            assert gray[cy - 1:cy + 2, cx - 1:cx + 2].min() < 60, i
+        checked += 1
+    assert checked > 30
+
+
+def test_toy_expressions_and_attributes_all_occur():
+    import toyfaces
+    samples = [toyfaces.make_image(1, "celeba", i, i // 3) for i in range(400)]
+    assert {s["expression"] for s in samples} == set(range(7))
+    attrs = np.array([s["attributes"] for s in samples])
+    assert attrs.shape[1] == len(toyfaces.ATTRIBUTES) >= 20
+    assert (attrs.mean(0) > 0.02).all() and (attrs.mean(0) < 0.98).all()  # none constant
+
+
+def test_toy_expressions_are_not_one_pixel_apart():
+    import toyfaces
+    imgs = {}
+    for i in range(300):
+        s = toyfaces.make_image(2, "rafdb", i, i)
+        imgs.setdefault(s["expression"], []).append(np.asarray(s["image"], np.float32).reshape(-1))
+    # no single pixel separates any class from all others: within-class spread beats between-class gaps
+    means = np.stack([np.mean(imgs[c], 0) for c in range(7)])
+    stds = np.stack([np.std(imgs[c], 0) for c in range(7)])
+    assert (np.abs(means[:, None] - means[None]).max(-1) < 3 * stds.max(0).max()).all()
+
+
+def test_toy_recognizer_runs_with_dynamic_batch(toy_root):
+    import onnxruntime as ort
+    from retrieval import ArcFace
+    path = os.path.join(toy_root, "toy", "arcface.onnx")
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    shape = sess.get_inputs()[0].shape
+    assert shape[1:] == [3, 112, 112] and not isinstance(shape[0], int)
+    imgs = torch.randint(0, 256, (5, 3, 112, 112), dtype=torch.uint8)
+    emb = ArcFace(path).embed(imgs)
+    one = ArcFace(path).embed(imgs[2:3])
+    assert emb.shape == (5, 64) and torch.allclose(emb[2], one[0], atol=1e-5)
+
+
+# ============================================================================= crops.py / retrieval.py (issue 3)
+
+def test_multicrop_shapes_ranges_and_determinism():
+    from crops import MultiCrop
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (150, 120, 3), np.uint8))
+    mc = MultiCrop(64, 32, n_global=2, n_local=3, n_candidates=5)
+    torch.manual_seed(1)
+    g, l, raw = mc(img)
+    assert g.shape == (2, 3, 64, 64) and l.shape == (5, 3, 32, 32) and raw.shape == (7, 3, 112, 112)
+    assert raw.dtype == torch.uint8 and g.dtype == torch.float32
+    lo, hi = (0 - 0.485) / 0.229, (1 - 0.406) / 0.225  # the normalised range
+    assert g.min() >= lo - 1e-4 and g.max() <= hi + 1e-4
+    torch.manual_seed(1)
+    g2, l2, raw2 = mc(img)
+    assert torch.equal(g, g2) and torch.equal(l, l2) and torch.equal(raw, raw2)
+    gc, lc = mc.sample(img)
+    assert [c.size for c in gc] == [(64, 64)] * 2 and len(lc) == 5
+    with pytest.raises(ValueError):
+        MultiCrop(n_local=8, n_candidates=4)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "tiny", "CMYK"])
+def test_multicrop_odd_images(mode):
+    from crops import MultiCrop
+    rs = np.random.RandomState(0)
+    img = {"L": Image.fromarray(rs.randint(0, 255, (50, 60), np.uint8)),
+           "RGBA": Image.fromarray(rs.randint(0, 255, (50, 60, 4), np.uint8), "RGBA"),
+           "P": Image.fromarray(rs.randint(0, 255, (50, 60, 3), np.uint8)).convert("P"),
+           "I;16": Image.fromarray(rs.randint(0, 65535, (50, 60)).astype(np.uint16)),
+           "tiny": Image.new("RGB", (3, 2), (200, 10, 10)),
+           "CMYK": Image.new("CMYK", (40, 40))}[mode]
+    g, l, raw = MultiCrop(32, 16, n_local=2)(img)
+    assert g.shape == (2, 3, 32, 32) and l.shape == (2, 3, 16, 16) and torch.isfinite(g).all()
+    if mode == "I;16":  # 16-bit is scaled to 8 bits, not clipped to white
+        assert raw.float().mean() < 200
+
+
+def test_to_rgb_scales_16_bit():
+    from data import to_rgb
+    img = Image.fromarray(np.full((4, 4), 32768, np.uint16))
+    assert to_rgb(img).getpixel((0, 0)) == (127, 127, 127)
+
+
+def _onnx_model(path, batch="N", mean_only=True, weight=None, input_shape=None):
+    """A tiny ONNX recogniser: per-channel mean of the input (then an optional matrix)."""
+    import onnx
+    from onnx import TensorProto, helper
+    shape = input_shape or [batch, 3, 112, 112]
+    inp = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, shape)
+    nodes = [helper.make_node("ReduceMean", ["input.1", "axes"], ["mean"], keepdims=0)]
+    axes = list(range(2, len(shape)))
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [len(axes)], axes)]
+    out_name = "mean"
+    if weight is not None:
+        inits.append(helper.make_tensor("W", TensorProto.FLOAT, list(weight.shape), weight.flatten().tolist()))
+        nodes.append(helper.make_node("MatMul", ["mean", "W"], ["emb"]))
+        out_name = "emb"
+    out = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [batch, 3 if weight is None else weight.shape[1]])
+    graph = helper.make_graph(nodes, "g", [inp], [out], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_arcface_preprocessing_rgb_and_normalisation(tmp_path):
+    from retrieval import ArcFace
+    face = ArcFace(_onnx_model(str(tmp_path / "mean.onnx")))
+    img = torch.zeros(1, 3, 112, 112, dtype=torch.uint8)
+    img[:, 0], img[:, 1], img[:, 2] = 255, 0, 51  # R, G, B
+    raw = face.run(face.preprocess(img))
+    assert torch.allclose(raw, torch.tensor([[1.0, -1.0, (51 - 127.5) / 127.5]]), atol=1e-5)
+    pil = Image.new("RGB", (112, 112), (255, 0, 51))
+    assert torch.allclose(face.run(face.preprocess([pil])), raw, atol=1e-5)
+    raw_input = ArcFace(face.path, normalize=False)  # for graphs that normalise inside
+    assert torch.allclose(raw_input.run(raw_input.preprocess(img)), torch.tensor([[255.0, 0.0, 51.0]]), atol=1e-3)
+
+
+def test_arcface_fixed_and_dynamic_batch_agree(tmp_path):
+    from retrieval import ArcFace
+    W = np.random.RandomState(0).randn(3, 8).astype(np.float32)
+    dyn = ArcFace(_onnx_model(str(tmp_path / "dyn.onnx"), weight=W))
+    fixed = ArcFace(_onnx_model(str(tmp_path / "fixed.onnx"), batch=1, weight=W))
+    imgs = torch.randint(0, 256, (5, 3, 80, 96), dtype=torch.uint8)  # any size: resized to 112
+    e1, e2 = dyn.embed(imgs), fixed.embed(imgs)
+    assert e1.shape == (5, 8) and torch.allclose(e1, e2, atol=1e-5)
+    assert torch.allclose(e1.norm(dim=1), torch.ones(5), atol=1e-5)
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in imgs]
+    assert torch.allclose(dyn.embed(pil), e1, atol=1e-5)
+    assert fixed.fixed_batch == 1 and dyn.fixed_batch is None
+
+
+def test_arcface_bad_models(tmp_path):
+    from retrieval import ArcFace
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        ArcFace(str(tmp_path / "missing.onnx"))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01 definitely not protobuf" * 10)
+    with pytest.raises(ValueError, match="junk.onnx"):
+        ArcFace(str(junk)).embed(torch.zeros(1, 3, 112, 112, dtype=torch.uint8))
+    flat = _onnx_model(str(tmp_path / "flat.onnx"), input_shape=["N", 3, 112])
+    with pytest.raises(ValueError, match="flat.onnx.*expected \\(B, 3, H, W\\)"):
+        ArcFace(flat).embed(torch.zeros(1, 3, 112, 112, dtype=torch.uint8))
+
+
+def test_arcface_pickles_without_session(tmp_path):
+    import pickle
+    from retrieval import ArcFace
+    face = ArcFace(_onnx_model(str(tmp_path / "m.onnx")))
+    face.embed(torch.zeros(1, 3, 112, 112, dtype=torch.uint8))
+    clone = pickle.loads(pickle.dumps(face))
+    assert clone._session is None and clone.embed(torch.zeros(2, 3, 112, 112, dtype=torch.uint8)).shape == (2, 3)
+
+
+def _unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def test_select_rule_cases():
+    from retrieval import select
+    g = _unit([1, 0], [1, 0.2])
+    # candidates: similar, similar, opposite (cos ~ -1: rejected), orthogonal (cos ~ 0: passes at -0.5)
+    local = _unit([1, 0.1], [0.9, 0.3], [-1, 0], [0, 1])
+    idx, st = select(g, local, 3, -0.5, torch.Generator().manual_seed(0))
+    assert sorted(idx.tolist()) == [0, 1, 3] and st == dict(candidates=4, rejected=1, reused=0, fallbacks=0)
+    idx, st = select(g, local, 5, -0.5, torch.Generator().manual_seed(0))  # 3 pass for 5 slots: 2 reused
+    assert len(idx) == 5 and set(idx.tolist()) <= {0, 1, 3} and set(idx.tolist()) == {0, 1, 3}
+    assert st["reused"] == 2 and st["rejected"] == 1
+    idx, st = select(g, local, 2, 0.5, torch.Generator().manual_seed(0))  # only the two similar pass
+    assert sorted(idx.tolist()) == [0, 1] and st["rejected"] == 2
+    bad = _unit([-1, 0], [-1, -0.5], [-0.8, -1])  # none passes: the N most similar are kept
+    idx, st = select(g, bad, 2, -0.5)
+    assert idx.tolist() == [2, 1] and st["fallbacks"] == 1 and st["rejected"] == 3
+
+
+def test_mean_similarity_over_globals():
+    from retrieval import similarity
+    g = _unit([1, 0], [0, 1])
+    assert torch.allclose(similarity(g, _unit([1, 0])), torch.tensor([0.5]))
+
+
+# ============================================================================= loss.py (issue 5)
+
+def _eq_1_to_4(zt, zs, P, tau_t, tau_s):
+    """Eq. 1-4 with explicit loops in float64 numpy."""
+    zt, zs, P = (np.asarray(a, np.float64) for a in (zt, zs, P))
+    norm = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+    softmax = lambda a: np.exp(a - a.max()) / np.exp(a - a.max()).sum()
+    P = norm(P)
+    B, M, N = zt.shape[0], zt.shape[1], zs.shape[1]
+    total, preds = 0.0, []
+    for i in range(B):
+        h = 0.0
+        for m in range(M):
+            sg = softmax(P @ norm(zt[i, m]) / tau_t)
+            for n in range(N):
+                sl = softmax(P @ norm(zs[i, n]) / tau_s)
+                h += -(sg * np.log(sl)).sum()
+        total += h / (M * N)
+        preds += [softmax(P @ norm(zs[i, n]) / tau_s) for n in range(N)]
+    mean = np.mean(preds, 0)
+    return total / B - (-(mean * np.log(mean)).sum())
+
+
+def test_prototype_loss_matches_equations():
+    from loss import PrototypeLoss
+    torch.manual_seed(0)
+    crit = PrototypeLoss(n_prototypes=7, dim=5, tau_teacher=0.3, tau_student=0.5)
+    zt, zs = torch.randn(3, 2, 5), torch.randn(3, 4, 5)
+    loss, stats = crit(zt, zs)
+    expected = _eq_1_to_4(zt, zs, crit.prototypes.detach(), 0.3, 0.5)
+    assert abs(loss.item() - expected) < 1e-5 and abs(stats["loss"] - expected) < 1e-5
+    assert 0 < stats["mean_entropy"] <= math.log(7) + 1e-6 and 1 <= stats["prototypes_used"] <= 7
+    bound = 1 / math.sqrt(5)
+    assert crit.prototypes.abs().max() <= bound
+
+
+def test_gradients_reach_student_projector_prototypes_not_teacher():
+    import pretrain
+    args = pretrain.get_args(["--arch", "vit_tiny", "--n-prototypes", "16", "--out-dim", "8", "--drop-path", "0"])
+    model, teacher = pretrain.build_models(args)
+    g, l = torch.randn(2, 2, 3, 32, 32), torch.randn(2, 3, 3, 16, 16)
+    with torch.no_grad():
+        zt = teacher(g.flatten(0, 1)).view(2, 2, -1)
+    loss, _ = model(l, zt)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert model.student.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.student.head.mlp[0].weight.grad.abs().sum() > 0
+    assert model.criterion.prototypes.grad.abs().sum() > 0
+
+
+def test_ema_and_schedules():
+    from loss import cosine_schedule, ema_update, momentum_schedule
+    t, s = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = t.weight.detach().clone()
+    ema_update(t, s, 0.9)
+    assert torch.allclose(t.weight, 0.9 * before + 0.1 * s.weight)
+    # §3.3: 2e-4 rising over 2 epochs to 1e-3, then cosine to 1e-6 over the other 18 (10 steps per epoch)
+    lr = lambda step: cosine_schedule(step, 200, 1e-3, 1e-6, 20, 2e-4)
+    assert lr(0) == pytest.approx(2e-4) and lr(10) == pytest.approx(6e-4) and lr(20) == pytest.approx(1e-3)
+    assert lr(110) == pytest.approx((1e-3 + 1e-6) / 2) and lr(200) == pytest.approx(1e-6)
+    assert momentum_schedule(0, 100) == pytest.approx(0.996) and momentum_schedule(100, 100) == pytest.approx(1.0)
+    assert momentum_schedule(50, 100) == pytest.approx(0.998)
+
+
+# ============================================================================= data.py (issue 5)
+
+def _write_rec(folder, records):
+    """An independent dmlc RecordIO writer: records = {key: payload}."""
+    magic = struct.pack("<I", 0xCED7230A)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "train.rec"), "wb") as rec, open(os.path.join(folder, "train.idx"), "w") as idx:
+        for key in sorted(records, reverse=True):  # keys in any order in the index
+            idx.write(f"{key}\t{rec.tell()}\n")
+            payload = records[key]
+            pieces = payload.split(magic) if len(payload) % 4 == 0 else [payload]
+            for k, piece in enumerate(pieces):
+                flag = 0 if len(pieces) == 1 else 1 if k == 0 else 3 if k == len(pieces) - 1 else 2
+                rec.write(magic + struct.pack("<I", flag << 29 | len(piece)) + piece + b"\0" * (-len(piece) % 4))
+
+
+def _png(color, size=(8, 8)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_recordio_round_trip(tmp_path):
+    from data import RecordIO
+    magic = struct.pack("<I", 0xCED7230A)
+    img = _png((10, 200, 30))
+    img += b"\0" * (-len(img) % 4)  # PNG readers ignore trailing bytes
+    header = struct.pack("<IfQQ", 2, 0, 0, 0) + np.array([3, 5], np.float32).tobytes()
+    rec1 = struct.pack("<IfQQ", 0, 7.0, 0, 0) + img + magic + b"tail" + magic + b"more"  # magic inside: split
+    rec2 = struct.pack("<IfQQ", 3, 0, 0, 0) + np.array([1.5, 2.5, 3.5], np.float32).tobytes() + _png((0, 0, 255))
+    ident = struct.pack("<IfQQ", 2, 0, 0, 0) + np.array([1, 3], np.float32).tobytes()
+    _write_rec(str(tmp_path / "ms1m"), {0: header, 1: rec1, 2: rec2, 3: ident, 4: ident})
+    ds = RecordIO(str(tmp_path / "ms1m"))
+    assert len(ds) == 2  # keys 1, 2: images; 3, 4: identity records
+    assert ds[0].getpixel((0, 0)) == (10, 200, 30) and ds[1].getpixel((3, 3)) == (0, 0, 255)
+    assert ds.labels(0).tolist() == [7.0] and ds.labels(1).tolist() == [1.5, 2.5, 3.5]
+    from data import read_recordio_record, unpack_payload
+    with open(tmp_path / "ms1m" / "train.rec", "rb") as f:
+        offsets = {int(k): int(v) for k, v in (l.split() for l in open(tmp_path / "ms1m" / "train.idx"))}
+        assert read_recordio_record(f, offsets[1]) == rec1
+        assert unpack_payload(read_recordio_record(f, offsets[1]))[1].endswith(magic + b"more")
+    _write_rec(str(tmp_path / "flat"), {5: rec2, 9: rec2})  # no header record: every key is an image
+    assert len(RecordIO(str(tmp_path / "flat" / "train.rec"))) == 2
+
+
+def test_corrupt_images_are_skipped(tmp_path):
+    import data
+    import pretrain
+    folder = tmp_path / "imgs" / "sub"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "c.txt").write_text("not an image")
+    ds = data.ImageFolder(str(tmp_path / "imgs"))
+    assert len(ds) == 2 and ds[0] is not None and ds[1] is None
+    from crops import MultiCrop
+    views = pretrain.Views(ds, MultiCrop(32, 16, n_local=2), seed=0)
+    batch = pretrain.collate([views[0], views[1]])
+    assert batch["skipped"] == 1 and batch["global_views"].shape[0] == 1
+
+
+def test_missing_dataset_is_one_line_error(tmp_path):
+    code, out, err = run_script("pretrain.py", "--data", "ms1m", "--data-root", str(tmp_path))
+    assert code != 0 and err.strip().count("\n") == 0 and "ms1m" in err and "train.rec" in err
+
+
+def test_broken_arcface_is_one_line_error(tmp_path, toy_root):
+    broken = tmp_path / "arc.onnx"
+    broken.write_bytes(b"nope" * 100)
+    code, out, err = run_script("pretrain.py", "--data", os.path.join(toy_root, "toy", "ms1m"), "--arcface",
+                                str(broken), "--out", str(tmp_path / "run"), "--arch", "vit_tiny")
+    assert code != 0 and "arc.onnx" in last_line(err) and "Traceback" not in err
+
+
+# ============================================================================= pretrain.py (issue 5)
+
+def _tiny_pretrain_args(data, out, *extra):
+    import pretrain
+    return pretrain.get_args(["--data", data, "--out", out, "--arch", "vit_tiny", "--epochs", "2",
+                              "--batch-size", "4", "--global-size", "32", "--local-size", "16", "--n-local", "2",
+                              "--n-prototypes", "32", "--out-dim", "16", "--workers", "0", "--log-every", "1",
+                              "--warmup-epochs", "1", *extra])
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faces")
+    rs = np.random.RandomState(0)
+    for i in range(12):
+        Image.fromarray(rs.randint(0, 255, (48, 40, 3), np.uint8)).save(d / f"{i:02d}.png")
+    return str(d)
+
+
+def test_pretrain_resume_gives_the_same_weights(tmp_path, image_folder, monkeypatch):
+    import pretrain
+    pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "full")))
+    real_save, calls = pretrain.save_atomic, []
+
+    def crash_after_first_checkpoint(obj, path):
+        real_save(obj, path)
+        calls.append(path)
+        if path.endswith("teacher_backbone.pth"):
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(pretrain, "save_atomic", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "cut"), "--save-every", "2"))
+    assert torch.load(str(tmp_path / "cut" / "checkpoint.pth"), weights_only=True)["step"] == 2
+    monkeypatch.setattr(pretrain, "save_atomic", real_save)
+    pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "cut"), "--save-every", "2"))
+    a = torch.load(str(tmp_path / "full" / "checkpoint.pth"), weights_only=True)
+    b = torch.load(str(tmp_path / "cut" / "checkpoint.pth"), weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for part in ("student", "teacher"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    # the exported teacher loads into a plain ViT
+    m = vit.vit_tiny()
+    assert vit.load_pretrained(m, str(tmp_path / "full" / "teacher_backbone.pth")) == ([], [])
+    assert vit.load_pretrained(vit.vit_tiny(), str(tmp_path / "full" / "checkpoint.pth")) == ([], [])
+    log = [json.loads(l) for l in open(tmp_path / "full" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) and r["mean_entropy"] <= math.log(32) + 1e-6 for r in log)
+
+
+def test_pretrain_with_retrieval_logs_reject_rate(tmp_path, toy_root):
+    import pretrain
+    args = _tiny_pretrain_args(os.path.join(toy_root, "toy", "ms1m"), str(tmp_path / "r"), "--arcface",
+                               os.path.join(toy_root, "toy", "arcface.onnx"), "--n-candidates", "4",
+                               "--face-threshold", "1.5", "--epochs", "1")
+    pretrain.main(args)  # no cosine reaches 1.5: every candidate is rejected, every image falls back
+    log = [json.loads(l) for l in open(tmp_path / "r" / "log.jsonl")]
+    assert len(log) == 30 and all(r["reject_rate"] == 1.0 for r in log)
+
+
+def _ddp_worker(rank, world, port, tmp, batch):
+    import pretrain
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    stats = _one_step(world, rank, batch)
+    if rank == 0:
+        torch.save(stats, os.path.join(tmp, "ddp.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _one_step(world, rank, batch):
+    import pretrain
+    r, w, device = pretrain.setup_distributed()
+    torch.manual_seed(0)
+    args = pretrain.get_args(["--arch", "vit_tiny", "--n-prototypes", "32", "--out-dim", "16", "--drop-path", "0"])
+    model, teacher = pretrain.build_models(args)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if w > 1 else model
+    # SGD: the same gradients give the same weights; Adam's first step would amplify float noise in tiny gradients
+    opt = torch.optim.SGD(pretrain.param_groups(model, 0.04), lr=0.1, momentum=0.9)
+    g, l = batch
+    per = len(g) // world
+    stats = [pretrain.training_step(ddp, teacher, opt, g[rank * per:(rank + 1) * per], l[rank * per:(rank + 1) * per],
+                                    0.1, 0.99, 3.0) for _ in range(2)]
+    keys = ["loss", "cross_entropy", "mean_entropy"]
+    means = [dict(zip(keys, pretrain.all_mean([s[k] for k in keys]))) for s in stats]
+    return dict(stats=means, student=model.state_dict(), teacher=teacher.state_dict())
+
+
+def test_two_process_gloo_equals_one_process(tmp_path):
+    import socket
+    torch.manual_seed(1)
+    batch = (torch.randn(4, 2, 3, 32, 32), torch.randn(4, 3, 3, 16, 16))
+    single = _one_step(1, 0, batch)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), batch), nprocs=2)
+    ddp = torch.load(str(tmp_path / "ddp.pt"), weights_only=True)
+    for a, b in zip(single["stats"], ddp["stats"]):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+    for part in ("student", "teacher"):
+        for k, v in single[part].items():
+            assert torch.allclose(v, ddp[part][k], atol=2e-5), (part, k)
+
+
+# ============================================================================= fine-tuning (issues 6-8)
+
+def test_few_shot_sizes_match_the_paper():
+    from finetune import few_shot_indices
+    sizes = {f: len(few_shot_indices(162_770, f, 0)) for f in (0.002, 0.005, 0.01, 0.02)}
+    assert sizes == {0.002: 325, 0.005: 813, 0.01: 1627, 0.02: 3255}  # the paper prints 843 for 0.5%
+    assert len(few_shot_indices(6_263, 0.05, 0)) == 313 and len(few_shot_indices(12_271, 0.01, 0)) == 122
+    a, b = few_shot_indices(1000, 0.1, 0), few_shot_indices(1000, 0.1, 1)
+    assert a == few_shot_indices(1000, 0.1, 0) and a != b and len(set(a)) == 100
+    with pytest.raises(ValueError):
+        few_shot_indices(100, 0.001, 0)
+
+
+def test_layer_decay_groups_for_vit_small():
+    from finetune import param_groups_layer_decay
+    from finetune_attr import AttributeModel
+    model = AttributeModel(vit.vit_small(), 40)
+    groups = param_groups_layer_decay(model, 0.05, 0.65)
+    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale_of[id(named["backbone.blocks.0.attn.qkv.weight"])] == (pytest.approx(0.65 ** 12), 0.05)
+    assert scale_of[id(named["backbone.blocks.11.mlp.fc1.weight"])] == (pytest.approx(0.65), 0.05)
+    assert scale_of[id(named["head.weight"])] == (1.0, 0.05)
+    assert scale_of[id(named["backbone.pos_embed"])] == (pytest.approx(0.65 ** 13), 0.0)
+    assert scale_of[id(named["backbone.cls_token"])][1] == 0.0
+    no_decay = {n for n, p in named.items() if scale_of[id(p)][1] == 0.0}
+    assert no_decay == {n for n in named if n.endswith((".bias", "pos_embed", "cls_token")) or "norm" in n}
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+CELEBA_ATTR = """3
+5_o_Clock_Shadow Arched_Eyebrows Smiling
+000001.jpg -1  1  1
+000002.jpg  1 -1 -1
+000003.jpg -1 -1  1
+"""
+
+
+def _celeba(tmp_path, attr=CELEBA_ATTR, parts="000001.jpg 0\n000002.jpg 1\n000003.jpg 2\n"):
+    d = tmp_path / "celeba"
+    (d / "img_align_celeba").mkdir(parents=True)
+    (d / "list_attr_celeba.txt").write_text(attr)
+    (d / "list_eval_partition.txt").write_text(parts)
+    return str(d)
+
+
+def test_celeba_parser(tmp_path):
+    from finetune_attr import read_celeba
+    data = read_celeba(_celeba(tmp_path))
+    assert data["attributes"] == ["5_o_Clock_Shadow", "Arched_Eyebrows", "Smiling"]
+    assert [os.path.basename(p) for p, _ in data["train"]] == ["000001.jpg"]
+    assert data["train"][0][1].tolist() == [0, 1, 1] and data["val"][0][1].tolist() == [1, 0, 0]
+    assert data["test"][0][0].endswith(os.path.join("img_align_celeba", "000003.jpg"))
+
+
+def test_celeba_bad_inputs(tmp_path):
+    from finetune_attr import read_celeba
+    with pytest.raises(FileNotFoundError, match="toy"):
+        read_celeba(str(tmp_path / "nothing"))
+    bad = CELEBA_ATTR.replace("000002.jpg  1 -1 -1", "000002.jpg  1 -1")
+    with pytest.raises(ValueError, match=r"list_attr_celeba.txt:4"):
+        read_celeba(_celeba(tmp_path / "a", bad))
+    with pytest.raises(ValueError, match=r"list_eval_partition.txt:2"):
+        read_celeba(_celeba(tmp_path / "b", parts="000001.jpg 0\n000002.jpg 7\n"))
+    code, out, err = run_script("finetune_attr.py", "--frac", "0.002", "--data-root", str(tmp_path / "none"))
+    assert code != 0 and "--dataset toy" in last_line(err) and "Traceback" not in err
+
+
+def _toy_finetune(script, toy_root, out, *extra):
+    code, stdout, err = run_script(script, "--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny",
+                                   "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "0",
+                                   "--out", out, *extra)
+    assert code == 0, err
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def test_attr_toy_run_and_head_only(tmp_path, toy_root):
+    init = str(tmp_path / "init.pth")
+    torch.save(vit.vit_tiny().state_dict(), init)
+    res = _toy_finetune("finetune_attr.py", toy_root, str(tmp_path / "a"), "--init", init, "--head-only",
+                        "--runs", "2", "--frac", "0.5")
+    assert res["n_train"] == 48 and res["n_train_total"] == 96 and len(res["runs"]) == 2
+    acc = res["runs"][0]["final"]["test"]["mean_accuracy"]
+    assert 0 <= acc <= 100 and len(res["runs"][0]["final"]["test"]["per_attribute"]) == 22
+    assert res["mean"]["test/mean_accuracy"] == pytest.approx(
+        np.mean([r["final"]["test"]["mean_accuracy"] for r in res["runs"]]))
+    trained = torch.load(str(tmp_path / "a" / "run0" / "checkpoint.pth"), weights_only=True)["model"]
+    start = torch.load(init, weights_only=True)
+    assert all(torch.equal(trained[f"backbone.{k}"], v) for k, v in start.items())  # frozen backbone
+    assert not torch.equal(trained["head.weight"], torch.zeros_like(trained["head.weight"]))
+
+
+RAF_LABELS = "train_00001.jpg 5\ntrain_00002.jpg 1\ntest_0001.jpg 7\n"
+
+
+def test_rafdb_parser_and_bad_label(tmp_path):
+    from finetune_expr import read_rafdb
+    (tmp_path / "EmoLabel").mkdir()
+    (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text(RAF_LABELS)
+    data = read_rafdb(str(tmp_path))
+    assert [l for _, l in data["train"]] == [4, 0] and [l for _, l in data["test"]] == [6]
+    assert data["train"][0][0].endswith(os.path.join("Image", "aligned", "train_00001_aligned.jpg"))
+    (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text(RAF_LABELS + "test_0002.jpg 8\n")
+    with pytest.raises(ValueError, match="list_patition_label.txt:4"):
+        read_rafdb(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="list_patition_label"):
+        read_rafdb(str(tmp_path / "nowhere"))
+
+
+AFFECT_HEADER = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal\n"
+AFFECT_ROWS = ('1/a.jpg,10,20,30,40,"1;2;3",3,0.1,0.2\n1/b.jpg,0,0,50,50,"1;2",9,0,0\n'
+               '2/c.jpg,5,5,20,20,"",7,0,0\n2/d.jpg,0,0,8,8,"",10,0,0\n')
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_affectnet_csv(tmp_path, header):
+    from finetune_expr import read_affectnet_csv
+    p = tmp_path / "training.csv"
+    p.write_text((AFFECT_HEADER if header else "") + AFFECT_ROWS)
+    items = read_affectnet_csv(str(p), "/imgs")
+    assert [(os.path.basename(a), l, b) for a, l, b in items] == [("a.jpg", 3, (10, 20, 40, 60)),
+                                                                  ("c.jpg", 7, (5, 5, 25, 25))]
+
+
+def test_face_box_is_applied_to_photos_only(tmp_path):
+    from finetune import LabelledImages
+    Image.new("RGB", (100, 80)).save(tmp_path / "photo.jpg")
+    Image.new("RGB", (30, 40)).save(tmp_path / "crop.jpg")
+    ds = LabelledImages([(str(tmp_path / "photo.jpg"), 0, (10, 20, 40, 60)),
+                         (str(tmp_path / "crop.jpg"), 0, (10, 20, 40, 60)), (str(tmp_path / "gone.jpg"), 0)],
+                        lambda img, t: (img.size, t))
+    assert ds[0][0] == (30, 40) and ds[1][0] == (30, 40) and ds[2] is None
+
+
+def test_balanced_sampler_draws_classes_evenly():
+    from finetune import epoch_indices
+    from finetune_expr import class_balanced_weights
+    labels = [0] * 1000 + [1] * 100 + [2] * 10
+    w = class_balanced_weights(labels, 3)
+    order = epoch_indices(len(labels), 0, 0, 0, 1, w) + epoch_indices(len(labels), 1, 0, 0, 1, w)
+    order += sum((epoch_indices(len(labels), e, 0, 0, 1, w) for e in range(2, 27)), [])
+    freq = np.bincount(np.array(labels)[order], minlength=3) / len(order)
+    # 29,970 draws: each class's share has std 0.0027; 0.02 is a 7-sigma tolerance
+    assert np.abs(freq - 1 / 3).max() < 0.02
+    ranks = [epoch_indices(8, 0, 0, r, 2) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(8))
+
+
+def test_classification_metrics_on_a_hand_made_confusion():
+    from finetune_expr import classification_metrics
+    target = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 0, 1, 1, 0, 1])
+    m = classification_metrics(pred, target, 3, ["a", "b", "c"])
+    assert m["confusion"] == [[3, 1, 0], [1, 1, 0], [0, 1, 0]]
+    assert m["accuracy"] == pytest.approx(400 / 7)
+    assert m["per_class"] == {"a": 75.0, "b": 50.0, "c": 0.0}
+    assert m["mean_class_accuracy"] == pytest.approx(125 / 3)
+
+
+def test_expr_toy_run(tmp_path, toy_root):
+    res = _toy_finetune("finetune_expr.py", toy_root, str(tmp_path / "e"), "--balanced")
+    test = res["runs"][0]["final"]["test"]
+    assert res["args"]["balanced"] and res["n_train"] == 72
+    assert 0 <= test["accuracy"] <= 100 and len(test["confusion"]) == 7 and sum(map(sum, test["confusion"])) == 18
+
+
+def test_read_pts(tmp_path):
+    from finetune_align import read_pts
+    pts = np.arange(136, dtype=float).reshape(68, 2) + 1
+    body = "\n".join(f"{x} {y}" for x, y in pts)
+    (tmp_path / "a.pts").write_text(f"version: 1\nn_points:  68\n{{\n{body}\n}}\n")
+    assert np.allclose(read_pts(str(tmp_path / "a.pts")), pts - 1)
+    (tmp_path / "b.pts").write_text(f"version: 1\nn_points:  67\n{{\n" + "\n".join(body.split("\n")[:67]) + "\n}\n")
+    with pytest.raises(ValueError, match="b.pts: 67 points"):
+        read_pts(str(tmp_path / "b.pts"))
+
+
+def test_read_wflw(tmp_path):
+    from finetune_align import read_wflw
+    coords = " ".join(str(float(i)) for i in range(196))
+    good = f"{coords} 1 2 30 40 1 0 0 1 0 1 51--Dresses/51_x.jpg\n"
+    (tmp_path / "list.txt").write_text(good + good)
+    items = read_wflw(str(tmp_path / "list.txt"))
+    assert len(items) == 2 and items[0]["landmarks"].shape == (98, 2) and items[0]["landmarks"][1].tolist() == [2, 3]
+    assert items[0]["box"].tolist() == [1, 2, 30, 40] and items[0]["flags"].tolist() == [1, 0, 0, 1, 0, 1]
+    assert items[0]["image"] == "51--Dresses/51_x.jpg"
+    (tmp_path / "bad.txt").write_text(good + good.replace(" 1 0 0 1 0 1 ", " 1 0 0 1 0 "))
+    with pytest.raises(ValueError, match="bad.txt:2: expected 207 tokens"):
+        read_wflw(str(tmp_path / "bad.txt"))
+
+
+def test_flip_permutations_are_involutions():
+    from finetune_align import FLIP_68, FLIP_98
+    for perm in (FLIP_68, FLIP_98):
+        assert sorted(perm) == list(range(len(perm))) and [perm[p] for p in perm] == list(range(len(perm)))
+    assert FLIP_68[36] == 45 and FLIP_68[8] == 8 and FLIP_98[60] == 72 and FLIP_98[54] == 54
+
+
+def test_crop_round_trip_and_image_alignment():
+    from finetune_align import apply_affine, crop_matrix, invert_affine, warp
+    pts = np.array([[30.0, 40.0], [70.5, 42.25], [50.0, 80.0]])
+    for angle, flip in ((0, False), (17, False), (-30, True)):
+        A = crop_matrix((50, 55), 90, 64, angle, flip)
+        assert np.allclose(apply_affine(invert_affine(A), apply_affine(A, pts)), pts, atol=1e-9)
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[40, 30] = 255  # a dot at pixel (x=30, y=40)
+    A = crop_matrix((50, 50), 50, 100, 0)  # 2x zoom
+    crop = np.asarray(warp(Image.fromarray(img), A, 100))[..., 0].astype(float)
+    ys, xs = np.nonzero(crop)
+    centroid = np.array([(xs * crop[ys, xs]).sum(), (ys * crop[ys, xs]).sum()]) / crop[ys, xs].sum()
+    assert np.allclose(centroid, apply_affine(A, np.array([[30.0, 40.0]]))[0], atol=0.05)
+
+
+def test_heatmap_round_trip_below_a_tenth_of_a_pixel():
+    from finetune_align import decode_heatmaps, gaussian_heatmaps
+    torch.manual_seed(0)
+    pts = torch.rand(2, 68, 2) * 108 + 10  # where landmarks fall; at the border the Gaussian itself is cut off
+    for sigma in (1.0, 1.5, 2.0):
+        back = decode_heatmaps(gaussian_heatmaps(pts, 128, sigma), sigma)
+        assert (back - pts).norm(dim=-1).max() < 0.1
+
+
+def test_nme_on_a_hand_computed_example():
+    from finetune_align import nme, nme_summary
+    gt = torch.zeros(1, 68, 2)
+    gt[0, 36], gt[0, 45] = torch.tensor([0.0, 0.0]), torch.tensor([100.0, 0.0])  # inter-ocular 100
+    pred = gt.clone()
+    pred[0, 0] += torch.tensor([3.0, 4.0])  # one point off by 5 px
+    assert nme(pred, gt, (36, 45)).item() == pytest.approx(5 / 68 / 100)
+    s = nme_summary(torch.tensor([0.02, 0.05, 0.2]))
+    assert s["nme"] == pytest.approx(9.0) and s["failure_rate"] == pytest.approx(100 / 3)
+    # AUC at 0.1: CED is 0 until .02, 1/3 until .05, 2/3 after: (1/3 * .03 + 2/3 * .05) / .1
+    assert s["auc"] == pytest.approx((0.03 / 3 + 0.05 * 2 / 3) / 0.1, abs=2e-3)
+
+
+def test_alignment_head_shapes():
+    from finetune_align import AlignmentModel
+    model = AlignmentModel(vit.vit_tiny(), 68, heatmap_size=128, channels=32).eval()
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 68, 128, 128)
+    assert model(torch.randn(2, 3, 112, 112)).shape == (2, 68, 128, 128)
+
+
+def test_align_toy_run(tmp_path, toy_root):
+    res = _toy_finetune("finetune_align.py", toy_root, str(tmp_path / "l"), "--heatmap-size", "16")
+    test = res["runs"][0]["final"]["test"]
+    assert {"nme", "nme_common", "nme_challenging", "failure_rate", "auc"} <= set(test)
+    assert test["nme"] > 0 and 0 <= test["auc"] <= 1
+
+
+def test_missing_pts_image_is_skipped_and_bad_pts_is_an_error(tmp_path):
+    from finetune_align import read_300w
+    for d in ("afw", "helen/trainset", "helen/testset", "lfpw/trainset", "lfpw/testset", "ibug"):
+        (tmp_path / d).mkdir(parents=True)
+    body = "\n".join("10 20" for _ in range(68))
+    (tmp_path / "afw" / "x.pts").write_text(f"version: 1\nn_points: 68\n{{\n{body}\n}}\n")  # no image
+    Image.new("RGB", (30, 30)).save(tmp_path / "afw" / "y.jpg")
+    (tmp_path / "afw" / "y.pts").write_text(f"version: 1\nn_points: 68\n{{\n{body}\n}}\n")
+    data = read_300w(str(tmp_path))
+    assert len(data["train"]) == 1 and data["train"][0][0].endswith("y.jpg")
+    Image.new("RGB", (30, 30)).save(tmp_path / "ibug" / "z.jpg")
+    (tmp_path / "ibug" / "z.pts").write_text("version: 1\nn_points: 68\n{\n1 2\n}\n")
+    with pytest.raises(ValueError, match="z.pts"):
+        read_300w(str(tmp_path))
+
+
+# ============================================================================= scripts as users run them
+
+def test_vit_script_prints_count_and_speed():
+    code, out, err = run_script("vit.py", "--arch", "vit_tiny", "--batch-size", "2", "--img-size", "64")
+    assert code == 0 and "5.5" in out and "images/s" in out
+
+
+def test_every_script_has_help():
+    for script in ("vit.py", "crops.py", "retrieval.py", "data.py", "pretrain.py", "finetune_attr.py",
+                   "finetune_expr.py", "finetune_align.py", "toyfaces.py", "bench.py"):
+        code, out, err = run_script(script, "--help")
+        assert code == 0 and "usage" in out, script
