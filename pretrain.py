@@ -20,12 +20,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from crops import MultiCrop
-from data import pretrain_dataset
+from data import data_root, pretrain_dataset
 from loss import PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule
 from retrieval import ArcFace, select_batch
 from vit import ARCHS, no_weight_decay
@@ -67,6 +68,11 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--workers", type=int, default=8, help="DataLoader processes per training process")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
+    p.add_argument("--knn-every", type=int, default=0, help="every this many epochs, a k-NN probe of the teacher "
+                   "on labelled attributes and expressions (0: never)")
+    p.add_argument("--knn-attr", default=None, help="CelebA-layout folder for the probe (default: the toy world's)")
+    p.add_argument("--knn-expr", default=None, help="RAF-DB-layout folder for the probe (default: the toy world's)")
+    p.add_argument("--knn-images", type=int, default=1000, help="at most this many train and test images per set")
     return p.parse_args(argv)
 
 
@@ -183,14 +189,15 @@ def param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def select_local_views(batch, arcface, args, generator):
-    """Face-aware retrieval for a batch: one recogniser call on all raw crops, keep N of C candidates.
-    Returns the local views (B, N, 3, L, L) and the selection counts."""
+def select_local_views(batch, arcface, args, generator, device):
+    """Face-aware retrieval for a batch: one recogniser call on all raw crops (on the GPU when there is
+    one), keep N of C candidates. Returns the local views (B, N, 3, L, L) and the selection counts."""
     local = batch["local_views"]
     if arcface is None:
         return local, {}
     B, n_raw = batch["raw"].shape[:2]
-    emb = arcface.embed(batch["raw"].flatten(0, 1)).view(B, n_raw, -1).cpu()  # (B, M + C, D)
+    raw = batch["raw"].to(device, non_blocking=True).flatten(0, 1)  # (B * (M + C), 3, 112, 112) uint8
+    emb = arcface.embed(raw).view(B, n_raw, -1).cpu()  # (B, M + C, D)
     idx, stats = select_batch(emb, args.n_global, args.n_local, args.face_threshold, generator)
     return local[torch.arange(B)[:, None], idx], stats
 
@@ -215,6 +222,68 @@ def training_step(model, teacher, optimizer, global_views, local_views, lr, mome
     student = model.module.student if isinstance(model, DistributedDataParallel) else model.student
     ema_update(teacher, student, momentum)
     return stats
+
+
+# ----------------------------------------------------------------------------- k-NN probe
+
+def knn_sets(args):
+    """{name: (train items, test items, multi_label)} for the probe: the attributes of a CelebA-layout
+    folder and the expressions of a RAF-DB-layout folder, the toy world's unless given."""
+    from finetune_attr import read_celeba
+    from finetune_expr import read_rafdb
+    attr, expr = args.knn_attr, args.knn_expr
+    if attr is None and expr is None:
+        import toyfaces
+        world = toyfaces.ensure_world(data_root(args.data_root))
+        attr, expr = os.path.join(world, "celeba"), os.path.join(world, "rafdb")
+    n, sets = args.knn_images, {}
+    if attr:
+        d = read_celeba(attr)
+        sets["knn_attr"] = (d["train"][:n], d["test"][:n], True)
+    if expr:
+        d = read_rafdb(expr)
+        one_hot = lambda items: [(p, torch.nn.functional.one_hot(torch.tensor(y), 7).float()) for p, y in items]
+        sets["knn_expr"] = (one_hot(d["train"][:n]), one_hot(d["test"][:n]), False)
+    return sets
+
+
+@torch.no_grad()
+def features(backbone, items, size, device):
+    """L2-normalised cls features (after the final norm) and stacked labels of (path, label) items."""
+    from finetune import LabelledImages, collate, image_transform
+    loader = DataLoader(LabelledImages(items, image_transform(size, False)), batch_size=128, collate_fn=collate)
+    feats, labels = [], []
+    for images, y, _ in loader:
+        if images is not None:
+            feats.append(F.normalize(backbone(images.to(device)).float(), dim=-1).cpu())
+            labels.append(torch.as_tensor(y).float())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_vote(bank, bank_labels, queries, k=20, temperature=0.07, chunk=256):
+    """DINO's weighted k-NN: each query's label scores are the neighbours' labels weighted by
+    exp(cosine / T), over its k nearest (cosine) neighbours; chunked so memory stays bounded."""
+    out = []
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(min(k, len(bank)), dim=1)  # (chunk, k)
+        w = (sim / temperature).exp()
+        out.append((w[..., None] * bank_labels[idx]).sum(1) / w.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def knn_probe(backbone, sets, size, device):
+    """{'knn_attr': mean attribute accuracy, 'knn_expr': expression accuracy} in %."""
+    was_training = backbone.training
+    backbone.eval()
+    result = {}
+    for name, (train, test, multi_label) in sets.items():
+        (bank, bank_y), (q, q_y) = features(backbone, train, size, device), features(backbone, test, size, device)
+        votes = knn_vote(bank, bank_y, q)
+        correct = ((votes > 0.5) == (q_y > 0.5)).float().mean() if multi_label else \
+            (votes.argmax(1) == q_y.argmax(1)).float().mean()
+        result[name] = correct.item() * 100
+    backbone.train(was_training)
+    return result
 
 
 # ----------------------------------------------------------------------------- main
@@ -269,6 +338,7 @@ def main(args):
                              args=vars(args)), ckpt_path)
             save_atomic(teacher.backbone.state_dict(), os.path.join(args.out, "teacher_backbone.pth"))
 
+    probe_sets = knn_sets(args) if args.knn_every and rank == 0 else None
     if rank == 0:
         print(f"{len(images)} images, global batch {global_batch} ({world} x {args.batch_size}), "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {args.lr * scale:.2e}")
@@ -280,7 +350,7 @@ def main(args):
         loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world, rank, device.type == "cuda")
         for batch in loader:
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            local_views, rstats = select_local_views(batch, arcface, args, generator)
+            local_views, rstats = select_local_views(batch, arcface, args, generator, device)
             lr, momentum = lr_at(step), momentum_schedule(step, total_steps, args.momentum_teacher)
             stats = training_step(ddp, teacher, optimizer, batch["global_views"].to(device, non_blocking=True),
                                   local_views.to(device, non_blocking=True), lr, momentum, args.clip_grad)
@@ -304,6 +374,11 @@ def main(args):
             bar.update(1)
             if step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0):
                 save()
+            if probe_sets and step % (args.knn_every * steps_per_epoch) == 0:
+                knn = knn_probe(teacher.backbone, probe_sets, args.global_size, device)
+                log.write(json.dumps(dict(step=step, epoch=step / steps_per_epoch, **knn)) + "\n")
+                log.flush()
+                bar.write(f"epoch {step // steps_per_epoch} k-NN: " + ", ".join(f"{k} {v:.1f}%" for k, v in knn.items()))
             if step >= total_steps:
                 break
     bar.close()

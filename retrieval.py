@@ -7,8 +7,8 @@ to the global crops of the same image, displace the rest.
 input (B, 3, H, W) RGB in (x - 127.5) / 127.5, H and W read from the model, output an embedding that we
 L2-normalise. `select` applies the paper's rule with threshold theta = -0.5: a candidate whose cosine
 similarity to the global crops is below theta is dropped, and the N local slots are filled from those
-that pass. The figure draws each image's global crops on top and its candidates below, the rejected
-ones framed in red with their similarity.
+that pass. The figure draws, per image, its global crops, the uncurated local crops (rejected ones framed
+in red, each with its similarity) and the curated crops that are kept.
 """
 import argparse
 import os
@@ -46,6 +46,8 @@ class ArcFace:
         if self._session is None:
             import onnxruntime as ort
             opts = ort.SessionOptions()
+            # one call per training step between torch work: idle onnxruntime threads must not spin on the cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if self.threads:
                 opts.intra_op_num_threads = self.threads
             providers = self.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -152,23 +154,22 @@ def select_batch(embeddings, n_global, n_local, threshold=-0.5, generator=None):
 
 # ----------------------------------------------------------------------------- Figure 3
 
-def figure3(arcface, paths, n_candidates=12, threshold=-0.5, seed=0):
-    """Each image: global crops (row 1), local candidates (row 2) with rejected ones framed in red."""
+def figure3(arcface, images, n_local=8, n_candidates=12, threshold=-0.5, seed=0):
+    """Per image (PIL): its global crops, the uncurated local crops (what the student sees without the
+    retrieval; rejected ones framed in red, every one with its similarity) and the curated ones kept."""
     from crops import MultiCrop, contact_sheet
-    from data import load_image
     torch.manual_seed(seed)
-    mc = MultiCrop(n_candidates=n_candidates)
+    mc = MultiCrop(n_local=n_local, n_candidates=n_candidates)
     rows, boxes, captions = [], [], []
-    for path in paths:
-        img = load_image(path)
-        if img is None:
-            raise ValueError(f"{path}: not a readable image")
+    for img in images:
         g, l = mc.sample(img)
         emb = arcface.embed(g + l)
         sim = similarity(emb[:len(g)], emb[len(g):])
-        rows += [g, l]
-        boxes += [[None] * len(g), [(255, 0, 0) if s < threshold else None for s in sim]]
-        captions += [[None] * len(g), [f"{s:.2f}" for s in sim]]
+        keep, _ = select(emb[:len(g)], emb[len(g):], n_local, threshold)
+        rows += [g, l[:n_local], [l[i] for i in keep]]
+        boxes += [[None] * len(g), [(255, 0, 0) if s < threshold else None for s in sim[:n_local]], [None] * n_local]
+        captions += [["global"] + [None] * (len(g) - 1), [f"{s:.2f}" for s in sim[:n_local]],
+                     ["curated"] + [None] * (n_local - 1)]
     return contact_sheet(rows, boxes=boxes, captions=captions)
 
 
@@ -177,11 +178,17 @@ def main():
     p.add_argument("images", nargs="+")
     p.add_argument("--arcface", required=True, help="ONNX recognition model (insightface layout)")
     p.add_argument("--face-threshold", type=float, default=-0.5, help="theta (paper: -0.5)")
+    p.add_argument("--n-local", type=int, default=8, help="N local crops")
     p.add_argument("--n-candidates", type=int, default=12, help="local candidates C per image")
     p.add_argument("--raw-input", action="store_true", help="the graph normalises inside (old MXNet exports)")
     p.add_argument("--out", default="figure3.png")
     a = p.parse_args()
-    sheet = figure3(ArcFace(a.arcface, normalize=not a.raw_input), a.images, a.n_candidates, a.face_threshold)
+    from data import load_image
+    images = [load_image(path) for path in a.images]
+    bad = [path for path, img in zip(a.images, images) if img is None]
+    if bad:
+        raise ValueError(f"{bad[0]}: not a readable image")
+    sheet = figure3(ArcFace(a.arcface, normalize=not a.raw_input), images, a.n_local, a.n_candidates, a.face_threshold)
     sheet.save(a.out)
     print(f"wrote {a.out}")
 

@@ -925,6 +925,48 @@ def test_vit_script_prints_count_and_speed():
 
 def test_every_script_has_help():
     for script in ("vit.py", "crops.py", "retrieval.py", "data.py", "pretrain.py", "finetune_attr.py",
-                   "finetune_expr.py", "finetune_align.py", "toyfaces.py", "bench.py"):
+                   "finetune_expr.py", "finetune_align.py", "toyfaces.py", "bench.py", "figures.py"):
         code, out, err = run_script(script, "--help")
         assert code == 0 and "usage" in out, script
+
+
+# ============================================================================= figures.py and the k-NN probe (issue 9)
+
+def test_knn_vote_on_hand_made_points():
+    from pretrain import knn_vote
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    votes = knn_vote(bank, labels, F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1), k=2, chunk=1)
+    assert votes.argmax(1).tolist() == [0, 1] and torch.allclose(votes.sum(1), torch.ones(2))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, toy_root):
+    """A 1-epoch pretraining on the tiny toy world, with the k-NN probe logged."""
+    import pretrain
+    out = str(tmp_path_factory.mktemp("run"))
+    pretrain.main(_tiny_pretrain_args(os.path.join(toy_root, "toy", "ms1m"), out, "--epochs", "1",
+                                      "--batch-size", "30", "--knn-every", "1", "--data-root", toy_root))
+    return out
+
+
+def test_knn_probe_is_logged(tiny_run):
+    log = [json.loads(l) for l in open(os.path.join(tiny_run, "log.jsonl"))]
+    probe = [r for r in log if "knn_attr" in r]
+    assert len(probe) == 1 and 0 <= probe[0]["knn_attr"] <= 100 and 0 <= probe[0]["knn_expr"] <= 100
+
+
+@pytest.mark.parametrize("figure", ["fig3", "fig5", "fig6", "curves"])
+def test_figures_write_pngs(figure, tiny_run, toy_root, tmp_path):
+    import figures
+    out = str(tmp_path / f"{figure}.png")
+    extra = {"fig3": ["--arcface", os.path.join(toy_root, "toy", "arcface.onnx"), "--n", "2"],
+             "fig5": ["--checkpoint", os.path.join(tiny_run, "checkpoint.pth"), "--n-images", "40", "--canvas", "200"],
+             "fig6": ["--checkpoint", os.path.join(tiny_run, "teacher_backbone.pth"), "--arch", "vit_tiny",
+                      "--size", "32", "--n", "2", "--finetuned", os.path.join(tiny_run, "checkpoint.pth")],
+             "curves": ["--log", os.path.join(tiny_run, "log.jsonl")]}[figure]
+    if figure == "curves":
+        pytest.importorskip("matplotlib")
+    figures.main([figure, "--out", out, "--data-root", toy_root, *extra])
+    img = Image.open(out)
+    assert img.size[0] > 50 and img.size[1] > 50 and np.asarray(img.convert("L")).std() > 1

@@ -1,0 +1,197 @@
+"""Speed and memory of ProS's hot paths, as numbers to compare across machines and changes.
+
+    python bench.py                    # everything, ViT-S/16 at the paper's sizes, 4 images a step
+    python bench.py --only step        # one section: step, retrieval, pipeline
+
+step:      one ProS training step (teacher forward on 2 global 224 crops per image, student forward +
+           backward on 8 local 96 crops per image, AdamW): images/s and peak memory; with timm
+           importable, the same step with timm's vit_small_patch16_224, interleaved, and the ratio.
+retrieval: crops/s of ArcFace.embed batched vs one crop per call (the toy recogniser, a small CNN), and
+           per-image CPU milliseconds of crop sampling + augmentation + retrieval at the paper's sizes.
+pipeline:  the full training step with data loading and retrieval vs the model-only step (images/s),
+           and the retrieval's share of the step.
+Medians over the timed steps; the first steps are warm-up.
+"""
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+import pretrain
+from crops import MultiCrop
+from loss import PrototypeLoss, ProjectionHead
+from retrieval import ArcFace, select_batch
+
+
+def peak_memory_reset(device):
+    """Reset the peak-memory counter: CUDA's allocator, or the process's peak RSS on Linux."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mb(device, key="VmHWM"):
+    """CUDA: peak allocated. CPU: VmHWM, the peak resident set since the last reset (VmRSS: now)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+
+def make_step(backbone, device, args):
+    """A ProS training step over `backbone` on fixed random views; returns step()."""
+    student = pretrain.Encoder(backbone, ProjectionHead(backbone.embed_dim))
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    model = pretrain.ProS(student, PrototypeLoss()).to(device)
+    teacher.to(device)
+    opt = torch.optim.AdamW(pretrain.param_groups(model, 0.04))
+    B = args.batch_size
+    g = torch.randn(B, 2, 3, 224, 224, device=device)
+    l = torch.randn(B, 8, 3, 96, 96, device=device)
+    return lambda: pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0)
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def bench_step(args, device):
+    import vit
+    variants = {"ours": lambda: vit.vit_small(drop_path_rate=0.1)}
+    try:
+        import timm
+        variants["timm"] = lambda: timm.create_model("vit_small_patch16_224", num_classes=0, drop_path_rate=0.1,
+                                                     dynamic_img_size=True)
+    except ImportError:
+        print("timm not installed: our step alone")
+    steps, times, memory = {}, {k: [] for k in variants}, {}
+    for name, make in variants.items():  # memory: what building and running this variant adds
+        peak_memory_reset(device)
+        before = 0.0 if device.type == "cuda" else peak_memory_mb(device, "VmRSS")
+        steps[name] = make_step(make(), device, args)
+        for _ in range(args.warmup):
+            steps[name]()
+        memory[name] = peak_memory_mb(device) - before
+    for _ in range(args.steps):  # interleaved, so both see the same machine state
+        for name in variants:
+            times[name].append(timed(steps[name], device))
+    rate = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
+    for k in variants:
+        print(f"step [{k}]: {rate[k]:.2f} images/s (median of {args.steps}), peak memory {memory[k]:.0f} MB "
+              f"({'CUDA allocator' if device.type == 'cuda' else 'process peak RSS since reset'})")
+    if "timm" in rate:
+        print(f"step: ours / timm = {rate['ours'] / rate['timm']:.3f}")
+
+
+def toy_recognizer_onnx(folder):
+    from toyfaces import ToyRecognizer
+    import warnings
+    path = os.path.join(folder, "toy_arcface.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ToyRecognizer().eval(), torch.zeros(1, 3, 112, 112), path, input_names=["input.1"],
+                          output_names=["embedding"], dynamic_axes={"input.1": {0: "b"}, "embedding": {0: "b"}},
+                          dynamo=False)
+    return path
+
+
+def bench_retrieval(args, device):
+    from PIL import Image
+    import numpy as np
+    with tempfile.TemporaryDirectory() as tmp:
+        face = ArcFace(args.arcface or toy_recognizer_onnx(tmp))
+        crops = torch.randint(0, 256, (64, 3, 112, 112), dtype=torch.uint8)
+        face.embed(crops[:2])
+        batched = statistics.median(timed(lambda: face.embed(crops), device) for _ in range(5))
+        single = statistics.median(timed(lambda: [face.embed(crops[i:i + 1]) for i in range(len(crops))], device)
+                                   for _ in range(3))
+        print(f"retrieval: embed {len(crops) / batched:.0f} crops/s batched vs {len(crops) / single:.0f} crops/s "
+              f"one per call ({single / batched:.1f}x)")
+        # one image as a DataLoader worker sees it: one thread (onnxruntime too)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        face = ArcFace(face.path, threads=1)
+        mc = MultiCrop(n_candidates=12)
+        img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (218, 178, 3), np.uint8))
+        parts = {"sample": [], "augment": [], "retrieval": []}
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            g, l = mc.sample(img)
+            t1 = time.perf_counter()
+            mc.augment(g, l)
+            t2 = time.perf_counter()
+            select_batch(face.embed(g + l)[None], 2, 8)
+            t3 = time.perf_counter()
+            for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                parts[k].append(dt * 1000)
+        torch.set_num_threads(threads)
+        print("per image on one thread, ms (2 x 224 globals, 12 x 96 candidates, 112 recogniser): " +
+              ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in parts.items()))
+
+
+def bench_pipeline(args, device):
+    """Full step (loader + retrieval + model) vs model-only, on the toy world's MS1M-format images."""
+    import data
+    import toyfaces
+    world = toyfaces.ensure_world(data.data_root(None))
+    argv = ["--data", os.path.join(world, "ms1m"), "--arch", "vit_small", "--batch-size", str(args.batch_size),
+            "--workers", str(args.workers), "--arcface", os.path.join(world, "arcface.onnx")]
+    pa = pretrain.get_args(argv)
+    model, teacher = pretrain.build_models(pa)
+    model.to(device)
+    teacher.to(device)
+    opt = torch.optim.AdamW(pretrain.param_groups(model, 0.04))
+    views = pretrain.Views(data.pretrain_dataset(pa.data), MultiCrop(n_candidates=pa.n_candidates), 0)
+    arcface = ArcFace(pa.arcface)
+    loader = iter(pretrain.epoch_loader(views, pa, 0, 0, 1, 0, device.type == "cuda"))
+    full, model_only, retrieval = [], [], []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        batch = next(loader)
+        t1 = time.perf_counter()
+        local, _ = pretrain.select_local_views(batch, arcface, pa, torch.Generator().manual_seed(i), device)
+        t2 = time.perf_counter()
+        g, l = batch["global_views"].to(device), local.to(device)
+        step_time = timed(lambda: pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0), device)
+        if i >= args.warmup:
+            full.append(time.perf_counter() - t0)
+            model_only.append(step_time)
+            retrieval.append(t2 - t1)
+    B = args.batch_size
+    print(f"pipeline: full step {B / statistics.median(full):.2f} images/s, model-only "
+          f"{B / statistics.median(model_only):.2f} images/s; retrieval {statistics.median(retrieval) * 1000:.0f} ms "
+          f"= {statistics.median(retrieval) / statistics.median(full):.1%} of the step "
+          f"({args.workers} loader workers)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=pretrain.HelpFormatter)
+    p.add_argument("--only", choices=["step", "retrieval", "pipeline"], default=None, help="one section")
+    p.add_argument("--batch-size", type=int, default=4, help="images per training step")
+    p.add_argument("--steps", type=int, default=7, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes in the pipeline section")
+    p.add_argument("--arcface", default=None, help="an ONNX recogniser for the retrieval section "
+                   "(default: an untrained toy CNN)")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name, fn in (("step", bench_step), ("retrieval", bench_retrieval), ("pipeline", bench_pipeline)):
+        if args.only in (None, name):
+            fn(args, device)
+
+
+if __name__ == "__main__":
+    main()

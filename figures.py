@@ -1,0 +1,241 @@
+"""The paper's pictures from a pretraining run (§4.4-4.5), each a PNG, each a subcommand.
+
+    python figures.py fig3 --arcface data/toy/arcface.onnx                  # Fig. 3: uncurated vs curated crops
+    python figures.py fig5 --checkpoint runs/pretrain/checkpoint.pth        # Fig. 5: prototypes in 2-D
+    python figures.py fig6 --checkpoint runs/pretrain/teacher_backbone.pth [--finetuned runs/attr-toy/run0/checkpoint.pth]
+    python figures.py curves --log runs/pretrain/log.jsonl                  # training curves
+    python figures.py table --dir runs/repro                                # the results table of reproduce.sh
+
+Images default to a few of the toy world's; pass --images to use your own. matplotlib is imported here
+only, for the curves and the 2-D prototype layout.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import data
+import vit
+from crops import IMAGENET_MEAN, IMAGENET_STD, contact_sheet
+from retrieval import ArcFace, figure3
+
+
+def default_images(args, split="celeba", n=6):
+    """--images, or the first n test images of the toy world's CelebA layout (MS1M-style for 'ms1m')."""
+    if args.images:
+        return args.images
+    import toyfaces
+    world = toyfaces.ensure_world(data.data_root(args.data_root))
+    if split == "ms1m":
+        ds = data.RecordIO(os.path.join(world, "ms1m"))
+        return [ds[i] for i in range(0, n * 37, 37)]
+    from finetune_attr import read_celeba
+    return [p for p, _ in read_celeba(os.path.join(world, "celeba"))["test"][:n]]
+
+
+def as_image(x):
+    img = x if isinstance(x, Image.Image) else data.load_image(x)
+    if img is None:
+        raise ValueError(f"{x}: not a readable image")
+    return img
+
+
+def load_backbone(path, arch):
+    model = vit.ARCHS[arch]()
+    vit.load_pretrained(model, path)
+    return model.eval()
+
+
+def preprocess(img, size):
+    x = torch.from_numpy(np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
+    return ((x.float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])
+
+
+# ----------------------------------------------------------------------------- Figure 3
+
+def fig3(args):
+    images = [as_image(x) for x in default_images(args, "ms1m", args.n)]
+    return figure3(ArcFace(args.arcface), images, args.n_local, args.n_candidates, args.face_threshold, args.seed)
+
+
+# ----------------------------------------------------------------------------- Figure 5
+
+def layout_2d(points):
+    """(K, d) -> (K, 2): t-SNE when scikit-learn is installed, else PCA; returns (xy, method name)."""
+    try:
+        from sklearn.manifold import TSNE
+        return TSNE(2, init="pca", perplexity=min(30, len(points) - 1), random_state=0).fit_transform(points), "t-SNE"
+    except ImportError:
+        centred = points - points.mean(0)
+        _, _, v = np.linalg.svd(centred, full_matrices=False)
+        return centred @ v[:2].T, "PCA (scikit-learn not installed, so no t-SNE)"
+
+
+@torch.no_grad()
+def fig5(args):
+    """Each prototype drawn at its 2-D position as its nearest training image (teacher features)."""
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    run_args = ckpt["args"]
+    backbone = vit.ARCHS[run_args["arch"]]()
+    vit.load_pretrained(backbone, ckpt)
+    from loss import ProjectionHead
+    head = ProjectionHead(backbone.embed_dim, run_args["out_dim"])
+    head.load_state_dict({k[len("head."):]: v for k, v in ckpt["teacher"].items() if k.startswith("head.")})
+    prototypes = F.normalize(ckpt["student"]["criterion.prototypes"].float(), dim=-1)
+    images = data.pretrain_dataset(args.data or run_args["data"], args.data_root or run_args["data_root"])
+    picks = range(0, len(images), max(1, len(images) // args.n_images))
+    pool = [images[i] for i in picks if images[i] is not None]
+    size = run_args["global_size"]
+    feats = torch.cat([F.normalize(head(backbone.eval()(torch.stack([preprocess(im, size) for im in pool[i:i + 64]]))),
+                                   dim=-1) for i in range(0, len(pool), 64)])
+    sim = prototypes @ feats.T  # (K, n)
+    used = sim.argmax(0).unique()  # prototypes that are some image's best match: the ones in use
+    nearest = sim[used].argmax(1)
+    xy, method = layout_2d(prototypes[used].numpy())
+    canvas, tile = args.canvas, 40
+    xy = (xy - xy.min(0)) / np.maximum(xy.max(0) - xy.min(0), 1e-9) * (canvas - tile)
+    out = Image.new("RGB", (canvas, canvas + 20), (255, 255, 255))
+    for (x, y), j in zip(xy, nearest.tolist()):
+        out.paste(pool[j].resize((tile, tile)), (int(x), int(y) + 20))
+    ImageDraw.Draw(out).text((4, 4), f"{len(used)} of {len(prototypes)} prototypes in use, {method}", fill=(0, 0, 0))
+    print(f"fig5: {len(used)} prototypes used by {len(pool)} images; layout by {method}")
+    return out
+
+
+# ----------------------------------------------------------------------------- Figure 6
+
+def heat_overlay(img, heat):
+    """img PIL, heat (h, w) in [0, 1] -> the image blended with a red-yellow heat-map."""
+    h = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(img.size, Image.BICUBIC)) / 255.0
+    colour = np.stack([np.ones_like(h), h, np.zeros_like(h)], -1) * 255
+    base = np.asarray(img.convert("RGB"), np.float64)
+    return Image.fromarray((base * (1 - 0.6 * h[..., None]) + colour * 0.6 * h[..., None]).astype(np.uint8))
+
+
+@torch.no_grad()
+def attention_rows(model, images, size):
+    """One row per image: the image, then the last layer's cls attention of every head."""
+    rows = []
+    for img in images:
+        att = model.get_last_selfattention(preprocess(img, size)[None])[0, :, 0, 1:]  # (heads, patches)
+        side = size // model.patch_size
+        att = att.view(-1, side, side)
+        att = (att - att.amin((1, 2), keepdim=True)) / (att.amax((1, 2), keepdim=True) - att.amin((1, 2), keepdim=True) + 1e-9)
+        shown = img.convert("RGB").resize((size, size))
+        rows.append([shown] + [heat_overlay(shown, a.numpy()) for a in att])
+    return rows
+
+
+def fig6(args):
+    """Attention heat-maps of the last block per head: pretrained teacher (and a fine-tuned model)."""
+    images = [as_image(p) for p in default_images(args, "celeba", args.n)]
+    rows = attention_rows(load_backbone(args.checkpoint, args.arch), images, args.size)
+    if args.finetuned:
+        rows += [[Image.new("RGB", (8, 8), (255, 255, 255))]]  # a blank row between the two models
+        rows += attention_rows(load_backbone(args.finetuned, args.arch), images, args.size)
+    return contact_sheet(rows, tile=args.size)
+
+
+# ----------------------------------------------------------------------------- curves
+
+def curves(args):
+    """Loss, cross-entropy, mean entropy, reject rate (and k-NN accuracies when logged) against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(args.log) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    keys = [k for k in ("loss", "cross_entropy", "mean_entropy", "reject_rate", "knn_attr", "knn_expr")
+            if any(k in r for r in log)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    for ax, k in zip(np.atleast_1d(axes), keys):
+        pts = [(r["step"], r[k]) for r in log if k in r]
+        ax.plot(*zip(*pts), marker="o" if k.startswith("knn") else None, markersize=3)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the results table
+
+TASKS = {"attr": ("test/mean_accuracy", "attributes, mean accuracy %"),
+         "expr": ("test/mean_class_accuracy", "expressions, mean class accuracy %"),
+         "align": ("test/nme", "landmarks, NME % (lower is better)")}
+
+
+def table(args):
+    """A markdown table from <dir>/<task>-<init>-<frac>/results.json: mean (std) of each task's metric
+    over the runs, one row per task and label fraction, one column per initialisation."""
+    found = {}
+    for name in sorted(os.listdir(args.dir)):
+        path = os.path.join(args.dir, name, "results.json")
+        if name.count("-") == 2 and name.split("-")[0] in TASKS and os.path.isfile(path):
+            task, init, frac = name.split("-")
+            with open(path) as f:
+                found[task, init, float(frac)] = json.load(f)
+    if not found:
+        raise FileNotFoundError(f"{args.dir}: no <task>-<init>-<frac>/results.json")
+    inits = [i for i in args.inits if any(k[1] == i for k in found)]
+    lines = ["| task | labels | train images | " + " | ".join(inits) + " |", "|---" * (3 + len(inits)) + "|"]
+    for task, frac in sorted({(t, f) for t, _, f in found}, key=lambda k: (list(TASKS).index(k[0]), k[1])):
+        metric, label = TASKS[task]
+        cells = []
+        for init in inits:
+            r = found.get((task, init, frac))
+            cells.append(f"{r['mean'][metric]:.2f} ({r['std'][metric]:.2f}, {len(r['runs'])} runs)" if r else "")
+        n = next(r["n_train"] for (t, _, f), r in found.items() if (t, f) == (task, frac))
+        lines.append(f"| {label} | {frac:.0%} | {n} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="figure", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", default=None, help="PNG to write (default: <figure>.png)")
+    common.add_argument("--images", nargs="*", default=None, help="image files (default: from the toy world)")
+    common.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
+    common.add_argument("--n", type=int, default=4, help="how many images")
+    common.add_argument("--seed", type=int, default=0)
+    f3 = sub.add_parser("fig3", parents=[common], help="uncurated vs curated local crops (Fig. 3)")
+    f3.add_argument("--arcface", required=True, help="ONNX recogniser")
+    f3.add_argument("--face-threshold", type=float, default=-0.5, help="theta (paper: -0.5)")
+    f3.add_argument("--n-local", type=int, default=8, help="N local crops")
+    f3.add_argument("--n-candidates", type=int, default=12, help="C candidates")
+    f5 = sub.add_parser("fig5", parents=[common], help="prototypes in 2-D with their nearest images (Fig. 5)")
+    f5.add_argument("--checkpoint", required=True, help="pretrain.py's checkpoint.pth")
+    f5.add_argument("--data", default=None, help="training images (default: the run's --data)")
+    f5.add_argument("--n-images", type=int, default=1000, help="training images searched for neighbours")
+    f5.add_argument("--canvas", type=int, default=900, help="side of the picture in pixels")
+    f6 = sub.add_parser("fig6", parents=[common], help="last-layer attention per head (Fig. 6)")
+    f6.add_argument("--checkpoint", required=True, help="the pretrained teacher (any vit.load_pretrained input)")
+    f6.add_argument("--finetuned", default=None, help="a fine-tuned model's checkpoint, drawn below")
+    f6.add_argument("--arch", default="vit_small", choices=vit.ARCHS)
+    f6.add_argument("--size", type=int, default=224, help="input side")
+    fc = sub.add_parser("curves", parents=[common], help="training curves from log.jsonl")
+    fc.add_argument("--log", required=True, help="pretrain.py's log.jsonl")
+    ft = sub.add_parser("table", parents=[common], help="markdown table of fine-tuning results (reproduce.sh)")
+    ft.add_argument("--dir", required=True, help="folder of <task>-<init>-<frac>/results.json")
+    ft.add_argument("--inits", nargs="+", default=["random", "pros", "pros_noretrieval"], help="column order")
+    args = p.parse_args(argv)
+    args.out = args.out or (os.path.join(args.dir, "table.md") if args.figure == "table" else f"{args.figure}.png")
+    picture = {"fig3": fig3, "fig5": fig5, "fig6": fig6, "curves": curves, "table": table}[args.figure](args)
+    if picture is not None:
+        picture.save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
