@@ -51,7 +51,7 @@ def load_backbone(path, arch):
 
 
 def preprocess(img, size):
-    x = torch.from_numpy(np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
+    x = torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
     return ((x.float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])
 
 
@@ -94,9 +94,9 @@ def fig5(args):
                                    dim=-1) for i in range(0, len(pool), 64)])
     sim = prototypes @ feats.T  # (K, n)
     used = sim.argmax(0).unique()  # prototypes that are some image's best match: the ones in use
-    nearest = sim[used].argmax(1)
-    xy, method = layout_2d(prototypes[used].numpy())
-    canvas, tile = args.canvas, 40
+    nearest = sim.argmax(1)  # each prototype's nearest training image (§4.4)
+    xy, method = layout_2d(prototypes.numpy())
+    canvas, tile = args.canvas, 32
     xy = (xy - xy.min(0)) / np.maximum(xy.max(0) - xy.min(0), 1e-9) * (canvas - tile)
     out = Image.new("RGB", (canvas, canvas + 20), (255, 255, 255))
     for (x, y), j in zip(xy, nearest.tolist()):

@@ -116,6 +116,23 @@ def few_shot_indices(n_train, frac, seed):
     return sorted(torch.randperm(n_train, generator=g)[:k].tolist())
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """epoch_indices() as a sampler, so one DataLoader (and its workers) serves every epoch: set_epoch(e)."""
+
+    def __init__(self, n, count, seed, rank, world, weights=None):
+        self.n, self.count, self.seed, self.rank, self.world, self.weights = n, count, seed, rank, world, weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(epoch_indices(self.n, self.epoch, self.seed, self.rank, self.world, self.weights)[:self.count])
+
+    def __len__(self):
+        return self.count
+
+
 def epoch_indices(n, epoch, seed, rank, world, weights=None):
     """This process's sample order for an epoch: a permutation, or with `weights` n draws with
     replacement (class-balanced sampling). The same on every process, then sharded rank::world."""
@@ -232,15 +249,16 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
             print(f"resuming {ckpt_path} at epoch {start_epoch}")
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, disable=rank != 0, desc=f"run {run}",
                dynamic_ncols=True)
+    sampler = EpochSampler(len(subset), min(steps_per_epoch * per_process, len(subset) // world), seed, rank, world,
+                           weights)
+    loader = DataLoader(train, batch_size=per_process, sampler=sampler, num_workers=args.workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     skipped = 0
     for epoch in range(start_epoch, args.epochs):
         model.train()
         if args.head_only:
             model.backbone.eval()
-        order = epoch_indices(len(subset), epoch, seed, rank, world, weights)
-        loader = DataLoader(train, batch_size=per_process, sampler=order[:steps_per_epoch * per_process],
-                            num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(seed + epoch))
+        sampler.set_epoch(epoch)
         for i, (images, targets, n_skipped) in enumerate(loader):
             step = epoch * steps_per_epoch + i
             for g in optimizer.param_groups:

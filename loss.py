@@ -60,6 +60,25 @@ def global_mean(x):
     return x.mean(0)
 
 
+@torch.no_grad()
+def sinkhorn(p, iterations=3):
+    """Sinkhorn-Knopp (MSN's distributed_sinkhorn): rescale teacher predictions (n, K) so that every
+    prototype gets an equal share of the global batch, each row still summing to 1."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    reduce = dist.all_reduce if distributed else (lambda t: t)
+    Q = p.T.clone()  # (K, n)
+    K, n = Q.shape[0], Q.shape[1] * (dist.get_world_size() if distributed else 1)
+    total = Q.sum()
+    reduce(total)
+    Q /= total
+    for _ in range(iterations):
+        rows = Q.sum(1, keepdim=True)  # each prototype's share: made 1 / K
+        reduce(rows)
+        Q /= rows * K
+        Q /= Q.sum(0, keepdim=True) * n  # each sample's total: made 1 / n
+    return (Q * n).T
+
+
 def entropy(p, dim=-1):
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
 
@@ -67,8 +86,9 @@ def entropy(p, dim=-1):
 class PrototypeLoss(nn.Module):
     """Holds the K learnable prototypes, shared by teacher and student, and computes Eq. 1-4."""
 
-    def __init__(self, n_prototypes=1024, dim=256, tau_teacher=0.025, tau_student=0.1):
+    def __init__(self, n_prototypes=1024, dim=256, tau_teacher=0.025, tau_student=0.1, sinkhorn=False):
         super().__init__()
+        self.sinkhorn = sinkhorn
         bound = 1 / math.sqrt(dim)  # U(-1/sqrt(d), 1/sqrt(d)) (§3.3)
         self.prototypes = nn.Parameter(torch.empty(n_prototypes, dim).uniform_(-bound, bound))
         self.tau_teacher, self.tau_student = tau_teacher, tau_student
@@ -81,6 +101,8 @@ class PrototypeLoss(nn.Module):
         """z_teacher (B, M, d) from the global views, z_student (B, N, d) from the local views -> (loss, stats)."""
         with torch.no_grad():  # the teacher side gives targets only: no gradient, not to the prototypes either
             s_g = self.predictions(z_teacher, self.tau_teacher)                      # (B, M, K)
+            if self.sinkhorn:  # not in the paper: MSN's equipartition of the targets (see --sinkhorn)
+                s_g = sinkhorn(s_g.flatten(0, 1)).view_as(s_g)
         logits = F.normalize(z_student.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
         log_s_l = F.log_softmax(logits / self.tau_student, dim=-1)                   # (B, N, K)
         # Eq. 3: cross-entropy of every (global m, local n) pair of an image, averaged over the M x N pairs

@@ -56,6 +56,8 @@ def get_args(argv=None):
     p.add_argument("--out-dim", type=int, default=256, help="projector output and prototype dim d (§3.2)")
     p.add_argument("--tau-teacher", type=float, default=0.025, help="tau_g (§3.3)")
     p.add_argument("--tau-student", type=float, default=0.1, help="tau_l (§3.3)")
+    p.add_argument("--sinkhorn", action="store_true", help="not in the paper: spread the teacher's targets evenly "
+                   "over the prototypes with Sinkhorn-Knopp, as MSN's released code does (see README)")
     p.add_argument("--global-size", type=int, default=224, help="global crop side (§3.2)")
     p.add_argument("--local-size", type=int, default=96, help="local crop side (§3.2)")
     p.add_argument("--n-global", type=int, default=2, help="M global views (DINO's 2)")
@@ -178,7 +180,7 @@ def build_models(args):
     student, teacher = make(args.drop_path), make(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    criterion = PrototypeLoss(args.n_prototypes, args.out_dim, args.tau_teacher, args.tau_student)
+    criterion = PrototypeLoss(args.n_prototypes, args.out_dim, args.tau_teacher, args.tau_student, args.sinkhorn)
     return ProS(student, criterion), teacher
 
 

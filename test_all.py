@@ -441,6 +441,19 @@ def test_prototype_loss_matches_equations():
     assert crit.prototypes.abs().max() <= bound
 
 
+def test_sinkhorn_equipartitions_targets():
+    from loss import PrototypeLoss, sinkhorn
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(64, 8) * 3, -1)
+    q = sinkhorn(p, iterations=50)
+    assert torch.allclose(q.sum(1), torch.ones(64), atol=1e-5)  # still one distribution per sample
+    assert torch.allclose(q.sum(0), torch.full((8,), 8.0), atol=1e-3)  # each prototype gets n / K
+    assert (sinkhorn(p).sum(0) - 8).abs().max() < (p.sum(0) - 8).abs().max()
+    crit = PrototypeLoss(8, 5, sinkhorn=True)
+    loss, stats = crit(torch.randn(4, 2, 5), torch.randn(4, 3, 5))
+    assert math.isfinite(loss.item())
+
+
 def test_gradients_reach_student_projector_prototypes_not_teacher():
     import pretrain
     args = pretrain.get_args(["--arch", "vit_tiny", "--n-prototypes", "16", "--out-dim", "8", "--drop-path", "0"])

@@ -276,7 +276,8 @@ def render(t, look, pose, size, r):
 
 # How each dataset frames its faces: (image side, face half-width in px (lo, hi), rotation (deg), centre jitter)
 FRAMING = {
-    "ms1m": (112, (20, 42), 25, 0.3),     # raw pretraining images: faces not always centred or large
+    "ms1m": (112, (24, 40), 25, 0.15),    # raw pretraining images: faces not always centred or large, but
+                                          # inside every global crop (>= 40% of the image), as in MS1M
     "celeba": (112, (30, 36), 8, 0.04),   # aligned faces
     "rafdb": (100, (27, 32), 8, 0.04),    # aligned faces
     "300w": (160, (38, 52), 15, 0.08),    # faces in the wild, landmarks
@@ -471,14 +472,16 @@ def recognizer_samples(seed, n_ids, per_id, workers):
         pad = 0.15 * (x1 - x0)
         face = pil.crop((int(x0 - pad), int(y0 - pad), int(x1 + pad), int(y1 + pad))).resize((112, 112))
         faces.append(np.asarray(face))
-        for _ in range(4):
-            side = int(r.uniform(0.2, 0.65) * img.shape[0])
+        n_face = n_background = 0
+        for _ in range(12):  # up to 2 crops mostly of face and 2 with no face at all, per scene
+            side = int(r.uniform(0.15, 0.65) * img.shape[0])
             cx, cy = r.integers(0, img.shape[0] - side, 2)
             ix = max(0, min(cx + side, x1) - max(cx, x0)) * max(0, min(cy + side, y1) - max(cy, y0))
-            frac = ix / side ** 2
-            if frac > 0.5 or ix == 0:
+            face_crop, background = ix / side ** 2 > 0.5, ix == 0
+            if (face_crop and n_face < 2) or (background and n_background < 2):
                 crops.append(np.asarray(Image.fromarray(img[cy:cy + side, cx:cx + side]).resize((112, 112))))
-                is_face.append(float(frac > 0.5))
+                is_face.append(float(face_crop))
+                n_face, n_background = n_face + face_crop, n_background + background
     ids = np.repeat(np.arange(n_ids), per_id)
     return (torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2), torch.from_numpy(ids),
             torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2), torch.tensor(is_face))
