@@ -67,7 +67,7 @@ def timed(fn, device):
     return time.perf_counter() - t
 
 
-def bench_step(args, device):
+def step_variants():
     import vit
     variants = {"ours": lambda: vit.vit_small(drop_path_rate=0.1)}
     try:
@@ -76,21 +76,36 @@ def bench_step(args, device):
                                                      dynamic_img_size=True)
     except ImportError:
         print("timm not installed: our step alone")
-    steps, times, memory = {}, {k: [] for k in variants}, {}
-    for name, make in variants.items():  # memory: what building and running this variant adds
-        peak_memory_reset(device)
-        before = 0.0 if device.type == "cuda" else peak_memory_mb(device, "VmRSS")
+    return variants
+
+
+def step_memory(name, args, device):
+    """Peak memory of building and running one variant, in a fresh process so nothing else is counted."""
+    peak_memory_reset(device)
+    before = 0.0 if device.type == "cuda" else peak_memory_mb(device, "VmRSS")
+    step = make_step(step_variants()[name](), device, args)
+    for _ in range(args.warmup):
+        step()
+    return peak_memory_mb(device) - before
+
+
+def bench_step(args, device):
+    variants = step_variants()
+    ctx = torch.multiprocessing.get_context("spawn")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:  # a new process for each variant
+        memory = {name: pool.apply(step_memory, (name, args, device)) for name in variants}
+    steps, times = {}, {k: [] for k in variants}
+    for name, make in variants.items():
         steps[name] = make_step(make(), device, args)
         for _ in range(args.warmup):
             steps[name]()
-        memory[name] = peak_memory_mb(device) - before
     for _ in range(args.steps):  # interleaved, so both see the same machine state
         for name in variants:
             times[name].append(timed(steps[name], device))
     rate = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
     for k in variants:
         print(f"step [{k}]: {rate[k]:.2f} images/s (median of {args.steps}), peak memory {memory[k]:.0f} MB "
-              f"({'CUDA allocator' if device.type == 'cuda' else 'process peak RSS since reset'})")
+              f"({'CUDA allocator' if device.type == 'cuda' else 'peak RSS of its own process over its start'})")
     if "timm" in rate:
         print(f"step: ours / timm = {rate['ours'] / rate['timm']:.3f}")
 
