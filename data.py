@@ -23,6 +23,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 RECORDIO_MAGIC = 0xCED7230A
 
 
+def run_cli(main):
+    """A script's entry point: bad input (a missing file, a wrong format, a diverging run) is one line on
+    stderr and exit status 1, not a traceback."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 def data_root(arg=None):
     """--data-root, else $PROS_DATA, else ./data."""
     return arg or os.environ.get("PROS_DATA") or "data"
@@ -198,7 +207,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    run_cli(main)

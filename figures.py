@@ -235,7 +235,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    data.run_cli(main)

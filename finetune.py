@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from crops import IMAGENET_MEAN, IMAGENET_STD
+import data
 from data import data_root, load_image
 from loss import cosine_schedule
 from pretrain import HelpFormatter, all_mean, save_atomic, setup_distributed
@@ -341,7 +342,4 @@ def save_atomic_json(obj, path):
 
 def run_cli(task):
     """Entry point of a task script: bad input is one line on stderr and a non-zero exit."""
-    try:
-        main(task)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}")
+    data.run_cli(lambda: main(task))

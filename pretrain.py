@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from crops import MultiCrop
-from data import data_root, pretrain_dataset
+from data import data_root, pretrain_dataset, run_cli
 from loss import PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule
 from retrieval import ArcFace, select_batch
 from vit import ARCHS, no_weight_decay
@@ -392,7 +392,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}")
+    run_cli(lambda: main(get_args()))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from data import to_rgb
+from data import run_cli, to_rgb
 
 
 class ArcFace:
@@ -194,7 +194,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    run_cli(main)
