@@ -63,6 +63,8 @@ def get_args(argv=None):
     p.add_argument("--n-global", type=int, default=2, help="M global views (DINO's 2)")
     p.add_argument("--n-local", type=int, default=8, help="N local views (unstated; DINO's 8)")
     p.add_argument("--arcface", default=None, help="ONNX recogniser: enables the face-aware retrieval (§3)")
+    p.add_argument("--arcface-raw-input", action="store_true", help="the ONNX graph normalises inside (old MXNet "
+                   "exports): feed it 0..255")
     p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below are displaced (§3)")
     p.add_argument("--n-candidates", type=int, default=12, help="C local candidates per image with --arcface")
     p.add_argument("--out", default="runs/pretrain", help="checkpoints and logs; an existing run resumes")
@@ -297,7 +299,7 @@ def main(args):
     images = pretrain_dataset(args.data, args.data_root)
     arcface = None
     if args.arcface:
-        arcface = ArcFace(args.arcface)
+        arcface = ArcFace(args.arcface, normalize=not args.arcface_raw_input)
         arcface.session  # a broken model file fails here, before any training
     elif rank == 0:
         print("no --arcface: local crops are uncurated (no face-aware retrieval)")
