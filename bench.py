@@ -111,14 +111,9 @@ def bench_step(args, device):
 
 
 def toy_recognizer_onnx(folder):
-    from toyfaces import ToyRecognizer
-    import warnings
+    from toyfaces import ToyRecognizer, export_onnx
     path = os.path.join(folder, "toy_arcface.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(ToyRecognizer().eval(), torch.zeros(1, 3, 112, 112), path, input_names=["input.1"],
-                          output_names=["embedding"], dynamic_axes={"input.1": {0: "b"}, "embedding": {0: "b"}},
-                          dynamo=False)
+    export_onnx(ToyRecognizer().eval(), path)
     return path
 
 

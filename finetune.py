@@ -15,7 +15,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
@@ -28,9 +27,6 @@ from loss import cosine_schedule
 from pretrain import HelpFormatter, all_mean, save_atomic, setup_distributed
 from vit import ARCHS, load_pretrained, no_weight_decay
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every default."""
 
 def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_size=256, notes=None):
     """The flags every task script has; the defaults passed in are the paper's for that task, `notes`

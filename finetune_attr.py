@@ -15,7 +15,6 @@ or the same plain-text layout as CelebA. The number of attributes comes from the
 import os
 
 import numpy as np
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from data import RECORDIO_MAGIC
+from loss import cosine_schedule
+
 EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]  # RAF-DB 1..7
 ATTRIBUTES = ["Arched_Eyebrows", "Bald", "Bangs", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry",
               "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses", "Goatee", "Gray_Hair", "Mouth_Slightly_Open",
@@ -308,9 +311,6 @@ def encode(img, fmt="JPEG"):
 
 # ----------------------------------------------------------------------------- writers (real formats)
 
-RECORDIO_MAGIC = 0xCED7230A
-
-
 def recordio_pack(payload):
     """dmlc RecordIO framing: split where the magic word sits at a 4-aligned offset (cflag 1/2/3)."""
     magic = struct.pack("<I", RECORDIO_MAGIC)
@@ -513,14 +513,18 @@ def train_recognizer(path, seed=0, n_ids=120, per_id=12, steps=600, workers=1):
         loss.backward()
         opt.step()
         for g in opt.param_groups:
-            g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
-    model.eval()
+            g["lr"] = cosine_schedule(step + 1, steps, 2e-3, 0.0)
+    export_onnx(model.eval(), path)
+    return model
+
+
+def export_onnx(model, path):
+    """insightface's I/O: input (B, 3, 112, 112) with a dynamic batch, output the embedding."""
     with warnings.catch_warnings():  # the TorchScript exporter needs no onnxscript; it warns that it is old
         warnings.simplefilter("ignore")
         torch.onnx.export(model, torch.zeros(1, 3, 112, 112), path, input_names=["input.1"],
                           output_names=["embedding"], dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}},
                           dynamo=False)
-    return model
 
 
 def evaluate_recognizer(path, seed=0, n_ids=200):
