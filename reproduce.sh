@@ -35,7 +35,7 @@ for init in random pros pros_noretrieval; do
 done
 
 # 3. the table and the figures
-python figures.py table --dir "$OUT" --out "$OUT/table.md"
+python figures.py table --dir "$OUT"
 python figures.py curves --log "$OUT/pretrain-pros/log.jsonl" --out "$OUT/curves.png"
 python figures.py fig3 --arcface data/toy/arcface.onnx --out "$OUT/fig3.png"
 python figures.py fig5 --checkpoint "$OUT/pretrain-pros/checkpoint.pth" --out "$OUT/fig5.png"
