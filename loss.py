@@ -21,12 +21,19 @@ import torch.nn.functional as F
 
 
 class ProjectionHead(nn.Module):
-    """The projector: 3 fully connected layers, 384 -> 2048 -> 2048 -> 256, GELU between (§3.2)."""
+    """The projector: 3 fully connected layers, 384 -> 2048 -> 2048 -> 256, GELU between (§3.2).
 
-    def __init__(self, in_dim, out_dim=256, hidden_dim=2048):
+    batch_norm=True puts BatchNorm1d after the two hidden layers, as MSN's released projector does (the
+    paper says only "3 fully connected layers"): it standardises each feature over the batch, so images
+    that a freshly initialised ViT maps to nearly the same vector get distinct projections from step 1.
+    """
+
+    def __init__(self, in_dim, out_dim=256, batch_norm=False, hidden_dim=2048):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        layers = []
+        for d_in in (in_dim, hidden_dim):
+            layers += [nn.Linear(d_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if batch_norm else []), nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, out_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

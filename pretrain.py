@@ -58,6 +58,8 @@ def get_args(argv=None):
     p.add_argument("--tau-student", type=float, default=0.1, help="tau_l (§3.3)")
     p.add_argument("--sinkhorn", action="store_true", help="not in the paper: spread the teacher's targets evenly "
                    "over the prototypes with Sinkhorn-Knopp, as MSN's released code does (see README)")
+    p.add_argument("--projector-bn", action="store_true", help="not in the paper: BatchNorm in the projector's "
+                   "hidden layers, as MSN's released code (see README)")
     p.add_argument("--global-size", type=int, default=224, help="global crop side (§3.2)")
     p.add_argument("--local-size", type=int, default=96, help="local crop side (§3.2)")
     p.add_argument("--n-global", type=int, default=2, help="M global views (DINO's 2)")
@@ -178,7 +180,7 @@ class ProS(nn.Module):
 def build_models(args):
     """(ProS student module, teacher encoder): the teacher starts as a copy of the student (§3.3)."""
     make = lambda drop: Encoder(ARCHS[args.arch](drop_path_rate=drop),
-                                ProjectionHead(ARCHS[args.arch]().embed_dim, args.out_dim))
+                                ProjectionHead(ARCHS[args.arch]().embed_dim, args.out_dim, args.projector_bn))
     student, teacher = make(args.drop_path), make(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
@@ -308,6 +310,8 @@ def main(args):
     views = Views(images, multicrop, args.seed)
 
     model, teacher = build_models(args)
+    if world > 1 and args.projector_bn and device.type == "cuda":  # batch statistics over all GPUs (MSN)
+        model, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (model, teacher))
     model.to(device)
     teacher.to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \

@@ -75,7 +75,7 @@ class ArcFace:
         x = torch.cat([b.float() if tuple(b.shape[2:]) == self.size else
                        F.interpolate(b.float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
                        for b in batches])
-        return (x - 127.5) / 127.5 if self.normalize else x
+        return x.sub_(127.5).div_(127.5) if self.normalize else x  # x is a fresh tensor: in place
 
     def run(self, x):
         """(B, 3, h, w) float32 -> (B, D) raw embeddings; one call per batch, or a loop for fixed-batch graphs."""

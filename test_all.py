@@ -215,7 +215,8 @@ def test_toy_landmarks_sit_on_the_drawn_face():
     for i in range(60):
         s = toyfaces.make_image(0, "300w" if i % 2 else "ibug", i, i)
         lm, (x0, y0, x1, y1) = s["landmarks"], s["box"]
-        assert (lm[:, 0] >= x0 - 1).all() and (lm[:, 0] <= x1 + 1).all() and (lm[:, 1] >= y0 - 1).all()
+        assert (lm[:, 0] >= x0 - 1).all() and (lm[:, 0] <= x1 + 1).all()
+        assert (lm[:, 1] >= y0 - 1).all() and (lm[:, 1] <= y1 + 1).all()
         # iBUG order under any in-plane rotation: the jaw runs from image-left to image-right through the chin
         # and the eyes in the face frame (eye axis = the face's x axis)
         axis = (lm[45] - lm[36]) / np.linalg.norm(lm[45] - lm[36])
@@ -469,6 +470,20 @@ def test_gradients_reach_student_projector_prototypes_not_teacher():
     assert model.criterion.prototypes.grad.abs().sum() > 0
 
 
+def test_projector_batch_norm_separates_near_identical_features():
+    from loss import ProjectionHead
+    torch.manual_seed(0)
+    x = torch.randn(1, 32) + 1e-2 * torch.randn(16, 32)  # 16 nearly equal features, as a fresh ViT gives
+    off_diagonal = ~torch.eye(16, dtype=torch.bool)
+    cosines = lambda z: (F.normalize(z, dim=-1) @ F.normalize(z, dim=-1).T)[off_diagonal]
+    plain, bn = ProjectionHead(32, 8, hidden_dim=64), ProjectionHead(32, 8, batch_norm=True, hidden_dim=64)
+    assert cosines(plain(x)).min() > 0.99
+    assert cosines(bn(x)).abs().mean() < 0.5  # standardised over the batch: the images come apart
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn.modules()) == 2
+    # without the option, the layout (and the keys of existing checkpoints) is the paper's 3 linear layers
+    assert list(plain.state_dict()) == [f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]
+
+
 def test_ema_and_schedules():
     from loss import cosine_schedule, ema_update, momentum_schedule
     t, s = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
@@ -618,7 +633,6 @@ def test_pretrain_with_retrieval_logs_reject_rate(tmp_path, toy_root):
 
 
 def _ddp_worker(rank, world, port, tmp, batch):
-    import pretrain
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     stats = _one_step(world, rank, batch)
@@ -836,7 +850,7 @@ def test_read_pts(tmp_path):
     body = "\n".join(f"{x} {y}" for x, y in pts)
     (tmp_path / "a.pts").write_text(f"version: 1\nn_points:  68\n{{\n{body}\n}}\n")
     assert np.allclose(read_pts(str(tmp_path / "a.pts")), pts - 1)
-    (tmp_path / "b.pts").write_text(f"version: 1\nn_points:  67\n{{\n" + "\n".join(body.split("\n")[:67]) + "\n}\n")
+    (tmp_path / "b.pts").write_text("version: 1\nn_points:  67\n{\n" + "\n".join(body.split("\n")[:67]) + "\n}\n")
     with pytest.raises(ValueError, match="b.pts: 67 points"):
         read_pts(str(tmp_path / "b.pts"))
 
@@ -955,11 +969,13 @@ def test_knn_vote_on_hand_made_points():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, toy_root):
-    """A 1-epoch pretraining on the tiny toy world, with the k-NN probe logged."""
+    """A 1-epoch pretraining on the tiny toy world, with the k-NN probe logged and MSN's projector BN
+    (so that fig5 rebuilds a head with BatchNorm from the checkpoint)."""
     import pretrain
     out = str(tmp_path_factory.mktemp("run"))
     pretrain.main(_tiny_pretrain_args(os.path.join(toy_root, "toy", "ms1m"), out, "--epochs", "1",
-                                      "--batch-size", "30", "--knn-every", "1", "--data-root", toy_root))
+                                      "--batch-size", "30", "--knn-every", "1", "--data-root", toy_root,
+                                      "--projector-bn"))
     return out
 
 
