@@ -179,8 +179,9 @@ class ProS(nn.Module):
 
 def build_models(args):
     """(ProS student module, teacher encoder): the teacher starts as a copy of the student (§3.3)."""
-    make = lambda drop: Encoder(ARCHS[args.arch](drop_path_rate=drop),
-                                ProjectionHead(ARCHS[args.arch]().embed_dim, args.out_dim, args.projector_bn))
+    def make(drop):
+        backbone = ARCHS[args.arch](drop_path_rate=drop)
+        return Encoder(backbone, ProjectionHead(backbone.embed_dim, args.out_dim, args.projector_bn))
     student, teacher = make(args.drop_path), make(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)

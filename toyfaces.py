@@ -66,14 +66,15 @@ def identity_traits(seed, ident):
     )
 
 
-# (brow raise, inner-brow raise, eye opening, mouth opening (lo, hi), smile, mouth width, disgust)
+# (brow raise, inner-brow raise, eye opening, mouth opening (lo, hi), smile, mouth width, disgust). Drawn
+# strong enough to tell apart at 64 px: at half these deviations from Neutral, every init stayed at chance.
 EXPRESSION_SHAPES = {
-    "Surprise": (0.16, 0.02, 1.5, (0.16, 0.26), 0.0, 0.72, 0.0),
-    "Fear": (0.10, 0.10, 1.35, (0.06, 0.12), -0.04, 1.2, 0.0),
-    "Disgust": (-0.05, -0.04, 0.7, (0.0, 0.04), -0.05, 0.95, 1.0),
-    "Happiness": (0.02, 0.0, 0.8, (0.0, 0.12), 0.13, 1.15, 0.0),
-    "Sadness": (0.0, 0.09, 0.8, (0.0, 0.02), -0.09, 0.95, 0.0),
-    "Anger": (-0.07, -0.11, 0.7, (0.0, 0.04), -0.02, 0.88, 0.0),
+    "Surprise": (0.32, 0.04, 2.0, (0.32, 0.52), 0.0, 0.44, 0.0),
+    "Fear": (0.20, 0.20, 1.7, (0.12, 0.24), -0.08, 1.4, 0.0),
+    "Disgust": (-0.10, -0.08, 0.4, (0.0, 0.08), -0.10, 0.9, 2.0),
+    "Happiness": (0.04, 0.0, 0.6, (0.0, 0.24), 0.26, 1.3, 0.0),
+    "Sadness": (0.0, 0.18, 0.6, (0.0, 0.04), -0.18, 0.9, 0.0),
+    "Anger": (-0.14, -0.22, 0.4, (0.0, 0.08), -0.04, 0.76, 0.0),
     "Neutral": (0.0, 0.0, 1.0, (0.0, 0.02), 0.0, 1.0, 0.0),
 }
 
