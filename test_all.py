@@ -263,13 +263,8 @@ def test_toy_expressions_are_visible_at_64px():
     # half-widths: about 2 px in a 64 px RAF-DB-framed image (the miniature's fine-tuning size)
     for ident in range(20):
         t = toyfaces.identity_traits(0, ident)
-        points = {}
-        for e, (raise_, inner, eye_open, (o_lo, o_hi), smile, width, disgust) in toyfaces.EXPRESSION_SHAPES.items():
-            k = 0.6
-            look = dict(brow_raise=k * raise_, brow_inner=k * inner, eye_open=1 + k * (eye_open - 1),
-                        mouth_open=k * (o_lo + o_hi) / 2, smile=k * smile, mouth_width=1 + k * (width - 1),
-                        disgust=k * disgust)
-            points[e] = toyfaces.landmarks_canonical(t, look)
+        points = {e: toyfaces.landmarks_canonical(t, toyfaces.expression_look(e, 0.6, 0.5))
+                  for e in toyfaces.EXPRESSIONS}
         gaps = [np.abs(points[a] - points[b]).max() for a, b in itertools.combinations(points, 2)]
         assert min(gaps) >= 0.1, (ident, min(gaps))
 

@@ -79,17 +79,26 @@ EXPRESSION_SHAPES = {
 }
 
 
-def sample_look(r, t, expression):
-    """Per-image state: expression (with random intensity) and accessories."""
+def expression_look(expression, k, opening):
+    """The face geometry of `expression` at intensity k (1 = the table above), without noise; opening in
+    [0, 1] picks the mouth opening within the expression's range."""
     raise_, inner, eye_open, (o_lo, o_hi), smile, width, disgust = EXPRESSION_SHAPES[expression]
+    return dict(brow_raise=k * raise_, brow_inner=k * inner, eye_open=1 + k * (eye_open - 1),
+                mouth_open=(o_lo + opening * (o_hi - o_lo)) * k, smile=k * smile,
+                mouth_width=1 + k * (width - 1), disgust=k * disgust)
+
+
+def sample_look(r, t, expression):
+    """Per-image state: expression (with random intensity and noise) and accessories."""
     k = r.uniform(0.6, 1.2)  # intensity: expressions are graded, not one template each
-    look = dict(
-        brow_raise=k * raise_ + r.normal(0, 0.015), brow_inner=k * inner + r.normal(0, 0.015),
-        eye_open=1 + k * (eye_open - 1) + r.normal(0, 0.05), mouth_open=r.uniform(o_lo, o_hi) * k,
-        smile=k * smile + r.normal(0, 0.01), mouth_width=1 + k * (width - 1), disgust=k * disgust,
-        glasses=r.random() < t["eyeglass_p"], hat=r.random() < 0.15, earrings=r.random() < t["earring_p"],
-        lipstick=r.random() < t["lipstick_p"], rosy=r.random() < 0.25, blurry=r.random() < 0.12,
-    )
+    brow_noise, inner_noise, eye_noise = r.normal(0, 0.015), r.normal(0, 0.015), r.normal(0, 0.05)
+    look = expression_look(expression, k, r.random())
+    look["smile"] += r.normal(0, 0.01)
+    look["brow_raise"] += brow_noise
+    look["brow_inner"] += inner_noise
+    look["eye_open"] += eye_noise
+    look.update(glasses=r.random() < t["eyeglass_p"], hat=r.random() < 0.15, earrings=r.random() < t["earring_p"],
+                lipstick=r.random() < t["lipstick_p"], rosy=r.random() < 0.25, blurry=r.random() < 0.12)
     return look
 
 
