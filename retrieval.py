@@ -67,15 +67,14 @@ class ArcFace:
         """uint8 RGB (B, 3, H, W) tensor or a list of PIL images -> float32 (B, 3, h, w) model input."""
         self.session  # reads the model's input size
         if isinstance(images, (list, tuple)):  # PIL images may differ in size: resize each
-            batches = [pil_to_tensor(to_rgb(im))[None] for im in images]
-        else:
-            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"expected uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-            batches = [images]
-        x = torch.cat([b.float() if tuple(b.shape[2:]) == self.size else
-                       F.interpolate(b.float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
-                       for b in batches])
-        return x.sub_(127.5).div_(127.5) if self.normalize else x  # x is a fresh tensor: in place
+            return torch.cat([self.preprocess(pil_to_tensor(to_rgb(im))[None]) for im in images])
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        # one float copy, normalised in place: a second full-batch copy cost more than the recogniser itself
+        x = images.float()
+        if tuple(x.shape[2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        return x.sub_(127.5).div_(127.5) if self.normalize else x
 
     def run(self, x):
         """(B, 3, h, w) float32 -> (B, D) raw embeddings; one call per batch, or a loop for fixed-batch graphs."""
