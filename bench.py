@@ -6,8 +6,9 @@
 step:      one ProS training step (teacher forward on 2 global 224 crops per image, student forward +
            backward on 8 local 96 crops per image, AdamW): images/s and peak memory; with timm
            importable, the same step with timm's vit_small_patch16_224, interleaved, and the ratio.
-retrieval: crops/s of ArcFace.embed batched vs one crop per call (the toy recogniser, a small CNN), and
-           per-image CPU milliseconds of crop sampling + augmentation + retrieval at the paper's sizes.
+retrieval: crops/s of ArcFace.embed batched vs one crop per call, for the toy recogniser (a small CNN) and
+           for a graph with no compute (its time per call is the overhead that batching saves); per-image
+           CPU milliseconds of crop sampling + augmentation + retrieval at the paper's sizes.
 pipeline:  the full training step with data loading and retrieval vs the model-only step (images/s),
            and the retrieval's share of the step.
 Medians over the timed steps; the first steps are warm-up.
@@ -110,29 +111,40 @@ def bench_step(args, device):
         print(f"step: ours / timm = {rate['ours'] / rate['timm']:.3f}")
 
 
-def toy_recognizer_onnx(folder):
+def toy_recognizer_onnx(folder, compute_free=False):
+    """The toy recogniser (untrained), or a graph with no compute (a global average pool) whose time per
+    call is onnxruntime's and our own overhead alone: the most batching can save."""
+    from torch import nn
     from toyfaces import ToyRecognizer, export_onnx
-    path = os.path.join(folder, "toy_arcface.onnx")
-    export_onnx(ToyRecognizer().eval(), path)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if compute_free else ToyRecognizer()
+    path = os.path.join(folder, f"{'compute_free' if compute_free else 'toy_arcface'}.onnx")
+    export_onnx(model.eval(), path)
     return path
+
+
+def embed_rates(face, crops, device):
+    """crops/s of face.embed: all crops in one call, and one crop per call."""
+    face.embed(crops[:2])
+    batched = statistics.median(timed(lambda: face.embed(crops), device) for _ in range(5))
+    single = statistics.median(timed(lambda: [face.embed(c[None]) for c in crops], device) for _ in range(3))
+    return len(crops) / batched, len(crops) / single
 
 
 def bench_retrieval(args, device):
     from PIL import Image
     import numpy as np
     with tempfile.TemporaryDirectory() as tmp:
-        face = ArcFace(args.arcface or toy_recognizer_onnx(tmp))
         crops = torch.randint(0, 256, (64, 3, 112, 112), dtype=torch.uint8)
-        face.embed(crops[:2])
-        batched = statistics.median(timed(lambda: face.embed(crops), device) for _ in range(5))
-        single = statistics.median(timed(lambda: [face.embed(crops[i:i + 1]) for i in range(len(crops))], device)
-                                   for _ in range(3))
-        print(f"retrieval: embed {len(crops) / batched:.0f} crops/s batched vs {len(crops) / single:.0f} crops/s "
-              f"one per call ({single / batched:.1f}x)")
+        models = {"recogniser": args.arcface or toy_recognizer_onnx(tmp),
+                  "compute-free graph": toy_recognizer_onnx(tmp, compute_free=True)}
+        for name, path in models.items():
+            batched, single = embed_rates(ArcFace(path), crops, device)
+            print(f"retrieval: embed, {name}: {batched:.0f} crops/s batched vs {single:.0f} crops/s one per call "
+                  f"({batched / single:.1f}x; {1000 / single:.2f} ms per call)")
         # one image as a DataLoader worker sees it: one thread (onnxruntime too)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        face = ArcFace(face.path, threads=1)
+        face = ArcFace(models["recogniser"], threads=1)
         mc = MultiCrop(n_candidates=12)
         img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (218, 178, 3), np.uint8))
         parts = {"sample": [], "augment": [], "retrieval": []}

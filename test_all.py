@@ -37,11 +37,15 @@ def last_line(text):
 
 # ============================================================================= vit.py (issue 2)
 
-def test_vit_small_parameter_count():
-    D, L, P, T = 384, 12, 16, 197
+@pytest.mark.parametrize("arch,D", [("vit_tiny", 192), ("vit_small", 384)])
+def test_vit_parameter_count(arch, D):
+    L, P, T = 12, 16, 197
     block = 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + 2 * D + (D * 4 * D + 4 * D) + (4 * D * D + D)
     expected = (3 * P * P * D + D) + D + T * D + L * block + 2 * D
-    assert sum(p.numel() for p in vit.vit_small().parameters()) == expected == 21_665_664
+    model = vit.ARCHS[arch]()
+    assert sum(p.numel() for p in model.parameters()) == expected and model.embed_dim == D
+    if arch == "vit_small":
+        assert expected == 21_665_664  # timm's vit_small_patch16_224 without its classifier
 
 
 @pytest.mark.parametrize("size,tokens", [(224, 196), (112, 49), (96, 36)])
