@@ -111,13 +111,10 @@ def bench_step(args, device):
         print(f"step: ours / timm = {rate['ours'] / rate['timm']:.3f}")
 
 
-def toy_recognizer_onnx(folder, compute_free=False):
-    """The toy recogniser (untrained), or a graph with no compute (a global average pool) whose time per
-    call is onnxruntime's and our own overhead alone: the most batching can save."""
-    from torch import nn
-    from toyfaces import ToyRecognizer, export_onnx
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if compute_free else ToyRecognizer()
-    path = os.path.join(folder, f"{'compute_free' if compute_free else 'toy_arcface'}.onnx")
+def onnx_file(model, folder, name):
+    """Export a torch module with the recogniser's I/O (toyfaces.export_onnx) to folder/name.onnx."""
+    from toyfaces import export_onnx
+    path = os.path.join(folder, f"{name}.onnx")
     export_onnx(model.eval(), path)
     return path
 
@@ -133,10 +130,14 @@ def embed_rates(face, crops, device):
 def bench_retrieval(args, device):
     from PIL import Image
     import numpy as np
+    from torch import nn
+    from toyfaces import ToyRecognizer
     with tempfile.TemporaryDirectory() as tmp:
         crops = torch.randint(0, 256, (64, 3, 112, 112), dtype=torch.uint8)
-        models = {"recogniser": args.arcface or toy_recognizer_onnx(tmp),
-                  "compute-free graph": toy_recognizer_onnx(tmp, compute_free=True)}
+        # the compute-free graph (a global average pool): its time per call is the overhead batching saves
+        models = {"recogniser": args.arcface or onnx_file(ToyRecognizer(), tmp, "toy_arcface"),
+                  "compute-free graph": onnx_file(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), tmp,
+                                                  "compute_free")}
         for name, path in models.items():
             batched, single = embed_rates(ArcFace(path), crops, device)
             print(f"retrieval: embed, {name}: {batched:.0f} crops/s batched vs {single:.0f} crops/s one per call "

@@ -91,6 +91,7 @@ def expression_look(expression, k, opening):
 def sample_look(r, t, expression):
     """Per-image state: expression (with random intensity and noise) and accessories."""
     k = r.uniform(0.6, 1.2)  # intensity: expressions are graded, not one template each
+    # draws in the order the toy world was generated in (README's table): brow, inner brow, eye, mouth, smile
     brow_noise, inner_noise, eye_noise = r.normal(0, 0.015), r.normal(0, 0.015), r.normal(0, 0.05)
     look = expression_look(expression, k, r.random())
     look["smile"] += r.normal(0, 0.01)
