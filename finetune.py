@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,10 @@ from data import data_root, load_image
 from loss import cosine_schedule
 from pretrain import HelpFormatter, all_mean, save_atomic, setup_distributed
 from vit import ARCHS, load_pretrained, no_weight_decay
+
+# A few-shot epoch takes seconds and a checkpoint of the optimiser state a good part of one: checkpoint
+# after an epoch only when the last one is this old (and always after the last epoch).
+CHECKPOINT_SECONDS = 60
 
 
 def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_size=256, notes=None):
@@ -250,7 +255,7 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
                            weights)
     loader = DataLoader(train, batch_size=per_process, sampler=sampler, num_workers=args.workers,
                         collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    skipped = 0
+    skipped, saved_at = 0, time.time()
     for epoch in range(start_epoch, args.epochs):
         model.train()
         if args.head_only:
@@ -276,9 +281,10 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
             metrics = {name: evaluate(task, model, ds, args, device) for name, ds in tests.items()}
             history.append(dict(epoch=epoch + 1, **metrics))
             tqdm.write(f"run {run} epoch {epoch + 1}: {task.summary(flatten(metrics))}")
-        if rank == 0:
+        if rank == 0 and (last or time.time() - saved_at >= CHECKPOINT_SECONDS):
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
                              history=history, rng=torch.get_rng_state()), ckpt_path)
+            saved_at = time.time()
         if dist.is_initialized():
             dist.barrier()
     bar.close()

@@ -789,6 +789,35 @@ def test_attr_toy_run_and_head_only(tmp_path, toy_root):
     assert not torch.equal(trained["head.weight"], torch.zeros_like(trained["head.weight"]))
 
 
+def test_finetune_resume_gives_the_same_run(tmp_path, toy_root, monkeypatch):
+    """A run killed after a checkpoint resumes from it and ends as the uninterrupted run does (one loader
+    process: the crops come from the restored RNG); checkpoints wait CHECKPOINT_SECONDS, except the last."""
+    import finetune
+    from finetune_attr import Attributes
+    argv = lambda out: ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny", "--img-size", "32",
+                        "--epochs", "3", "--batch-size", "16", "--workers", "0", "--frac", "0.5", "--out", out]
+    full = finetune.main(Attributes(), argv(str(tmp_path / "full")))
+    real_save, saved = finetune.save_atomic, []
+
+    def save_then_crash_after_epoch_2(obj, path):
+        real_save(obj, path)
+        saved.append(obj["epoch"])
+        if obj["epoch"] == 2:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(finetune, "save_atomic", save_then_crash_after_epoch_2)
+    monkeypatch.setattr(finetune, "CHECKPOINT_SECONDS", 0)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(Attributes(), argv(str(tmp_path / "cut")))
+    assert saved == [1, 2]
+    monkeypatch.setattr(finetune, "CHECKPOINT_SECONDS", 1e9)
+    cut = finetune.main(Attributes(), argv(str(tmp_path / "cut")))
+    assert saved == [1, 2, 3]  # after the resume, only the last epoch
+    assert cut["runs"][0]["final"] == full["runs"][0]["final"]
+    a, b = (torch.load(str(tmp_path / d / "run0" / "checkpoint.pth"), weights_only=True) for d in ("full", "cut"))
+    assert a["epoch"] == b["epoch"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 RAF_LABELS = "train_00001.jpg 5\ntrain_00002.jpg 1\ntest_0001.jpg 7\n"
 
 
