@@ -590,7 +590,14 @@ DEFAULT_IMAGES = 4000
 
 
 def write_world(out, images=DEFAULT_IMAGES, seed=0, workers=None, recognizer_steps=600):
-    """Write every dataset of the toy world under `out` (ms1m gets `images`, the others fewer)."""
+    """Write every dataset of the toy world under `out` (ms1m gets `images`, the others fewer).
+    The caller's torch RNG is left as it was: a seeded run that generates the world on first use must
+    train exactly as one that finds it already there."""
+    with torch.random.fork_rng(devices=[]):
+        _write_world(out, images, seed, workers, recognizer_steps)
+
+
+def _write_world(out, images, seed, workers, recognizer_steps):
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     os.makedirs(out, exist_ok=True)
     per_id = 10
