@@ -590,14 +590,7 @@ DEFAULT_IMAGES = 4000
 
 
 def write_world(out, images=DEFAULT_IMAGES, seed=0, workers=None, recognizer_steps=600):
-    """Write every dataset of the toy world under `out` (ms1m gets `images`, the others fewer).
-    The caller's torch RNG is left as it was: a seeded run that generates the world on first use must
-    train exactly as one that finds it already there."""
-    with torch.random.fork_rng(devices=[]):
-        _write_world(out, images, seed, workers, recognizer_steps)
-
-
-def _write_world(out, images, seed, workers, recognizer_steps):
+    """Write every dataset of the toy world under `out` (ms1m gets `images`, the others fewer)."""
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     os.makedirs(out, exist_ok=True)
     per_id = 10
@@ -606,9 +599,12 @@ def _write_world(out, images, seed, workers, recognizer_steps):
     write_celeba(os.path.join(out, "celeba"), max(20, images), seed, workers)
     write_rafdb(os.path.join(out, "rafdb"), max(20, images * 3 // 4), seed, workers)
     write_300w(os.path.join(out, "300w"), max(40, images // 2), seed, workers)
-    train_recognizer(os.path.join(out, "arcface.onnx"), seed, n_ids=max(4, min(120, images // 20)),
-                     steps=recognizer_steps, workers=workers)
-    quality = evaluate_recognizer(os.path.join(out, "arcface.onnx"), seed)
+    # the recogniser seeds torch: leave the caller's RNG as it was, so that a seeded run that generates
+    # the world on first use trains exactly as one that finds it already there
+    with torch.random.fork_rng(devices=[]):
+        train_recognizer(os.path.join(out, "arcface.onnx"), seed, n_ids=max(4, min(120, images // 20)),
+                         steps=recognizer_steps, workers=workers)
+        quality = evaluate_recognizer(os.path.join(out, "arcface.onnx"), seed)
     print("toy ArcFace on held-out identities: verification accuracy {verification_accuracy:.1%}; similarity "
           "to the global crops: {similarity_with_face:.2f} with a face, {similarity_without_face:.2f} without; "
           "rejected at -0.5: {rejected_with_face:.1%} with a face, {rejected_without_face:.1%} without".format(**quality))
