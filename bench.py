@@ -55,7 +55,7 @@ def make_step(backbone, device, args):
     B = args.batch_size
     g = torch.randn(B, 2, 3, 224, 224, device=device)
     l = torch.randn(B, 8, 3, 96, 96, device=device)
-    return lambda: pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0)
+    return lambda: pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0, args.bf16)
 
 
 def timed(fn, device):
@@ -187,7 +187,8 @@ def bench_pipeline(args, device):
         local, _ = pretrain.select_local_views(batch, arcface, pa, torch.Generator().manual_seed(i), device)
         t2 = time.perf_counter()
         g, l = batch["global_views"].to(device), local.to(device)
-        step_time = timed(lambda: pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0), device)
+        step_time = timed(lambda: pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0, args.bf16),
+                          device)
         if i >= args.warmup:
             full.append(time.perf_counter() - t0)
             model_only.append(step_time)
@@ -206,11 +207,14 @@ def main():
     p.add_argument("--steps", type=int, default=7, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes in the pipeline section")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast in the "
+                   "training steps (default: on CUDA only)")
     p.add_argument("--arcface", default=None, help="an ONNX recogniser for the retrieval section "
                    "(default: an untrained toy CNN)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    args.bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, bf16 {args.bf16}")
     for name, fn in (("step", bench_step), ("retrieval", bench_retrieval), ("pipeline", bench_pipeline)):
         if args.only in (None, name):
             fn(args, device)

@@ -6,7 +6,7 @@ What every task shares (and only that): the backbone from --init (random, ours, 
 MSN: Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen backbone),
 AdamW with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs (--runs, mean and std
 as the paper's 5 runs), batched evaluation on the test split, results.json, DDP under torchrun, bf16
-autocast on CUDA, checkpoint + resume. A task supplies its data, head, loss, predictions and metrics.
+autocast (--bf16: on CUDA by default), checkpoint + resume. A task supplies its data, head, loss, predictions and metrics.
 """
 import argparse
 import json
@@ -61,6 +61,8 @@ def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_si
     p.add_argument("--img-size", type=int, default=224, help="inputs are resized to this (§4.3: 224)")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many epochs (0: at the end)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast "
+                   "(default: on CUDA only; on CPUs with avx512_bf16 or AMX it is faster too, README)")
     p.add_argument("--out", default=None, help="results.json and checkpoints (default: runs/<script>-<dataset>)")
 
 
@@ -204,7 +206,7 @@ def evaluate(task, model, dataset, args, device):
         skipped += n_skipped
         if images is None:
             continue
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             preds.append(task.predict(model, images.to(device)).float().cpu())
         targets.append(target)
     metrics = task.metrics(torch.cat(preds), torch.cat(targets), dataset)
@@ -265,7 +267,7 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
             step = epoch * steps_per_epoch + i
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step) * g["lr_scale"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 loss = task.loss(ddp(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -317,6 +319,7 @@ def main(task, argv=None):
     args.data = args.data or os.path.join(data_root(args.data_root), args.dataset)
     args.out = args.out or os.path.join("runs", f"{task.name}-{args.dataset}")
     rank, world, device = setup_distributed()
+    args.bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     train_set, tests = task.datasets(args)
     n_keep = int(math.floor(args.frac * len(train_set) + 1e-9))
     if rank == 0:

@@ -100,9 +100,16 @@ class PrototypeLoss(nn.Module):
         self.prototypes = nn.Parameter(torch.empty(n_prototypes, dim).uniform_(-bound, bound))
         self.tau_teacher, self.tau_student = tau_teacher, tau_student
 
+    def cosine(self, z):
+        """Cosine similarities to the prototypes, z (..., d) -> (..., K), in fp32 even under bf16 autocast
+        (which casts a matmul of fp32 tensors too): at tau_teacher = 0.025, bf16's rounding of a cosine,
+        up to 2^-9, would move a logit by up to 0.08."""
+        with torch.autocast(z.device.type, enabled=False):
+            return F.normalize(z.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
+
     def predictions(self, z, tau):
         """Eq. 1: softmax over prototypes of the cosine similarity / tau. z (..., d) -> (..., K)."""
-        return (F.normalize(z.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T / tau).softmax(-1)
+        return (self.cosine(z) / tau).softmax(-1)
 
     def forward(self, z_teacher, z_student):
         """z_teacher (B, M, d) from the global views, z_student (B, N, d) from the local views -> (loss, stats)."""
@@ -110,8 +117,7 @@ class PrototypeLoss(nn.Module):
             s_g = self.predictions(z_teacher, self.tau_teacher)                      # (B, M, K)
             if self.sinkhorn:  # not in the paper: MSN's equipartition of the targets (see --sinkhorn)
                 s_g = sinkhorn(s_g.flatten(0, 1)).view_as(s_g)
-        logits = F.normalize(z_student.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
-        log_s_l = F.log_softmax(logits / self.tau_student, dim=-1)                   # (B, N, K)
+        log_s_l = F.log_softmax(self.cosine(z_student) / self.tau_student, dim=-1)  # (B, N, K)
         # Eq. 3: cross-entropy of every (global m, local n) pair of an image, averaged over the M x N pairs
         ce = -(s_g[:, :, None] * log_s_l[:, None]).sum(-1)                           # (B, M, N)
         cross_entropy = ce.mean()                                                    # Eq. 2, first term

@@ -476,6 +476,35 @@ def test_prototype_loss_matches_equations():
     assert crit.prototypes.abs().max() <= bound
 
 
+def test_prototype_loss_stays_fp32_under_bf16_autocast():
+    from loss import PrototypeLoss
+    torch.manual_seed(0)
+    crit = PrototypeLoss(n_prototypes=64, dim=16, tau_teacher=0.025, tau_student=0.1)
+    zt, zs = torch.randn(4, 2, 16), torch.randn(4, 3, 16)
+    expected = _eq_1_to_4(zt, zs, crit.prototypes.detach(), 0.025, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = crit(zt, zs)
+        bf16_cosines = F.normalize(zs, dim=-1) @ F.normalize(crit.prototypes, dim=-1).T
+    assert bf16_cosines.dtype == torch.bfloat16  # what autocast does to a matmul of fp32 tensors
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected) < 1e-5
+
+
+def test_bf16_flag_sets_the_networks_precision_in_a_training_step():
+    import pretrain
+    args = pretrain.get_args(["--arch", "vit_tiny", "--n-prototypes", "16", "--out-dim", "8"])
+    model, teacher = pretrain.build_models(args)
+    opt = torch.optim.AdamW(pretrain.param_groups(model, 0.04))
+    g, l = torch.randn(2, 2, 3, 32, 32), torch.randn(2, 3, 3, 16, 16)
+    seen = []
+    for net in (teacher, model.student):
+        net.backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    for bf16 in (True, False):
+        seen.clear()
+        stats = pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0, bf16)
+        assert seen == [torch.bfloat16 if bf16 else torch.float32] * 2 and math.isfinite(stats["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
+
+
 def test_sinkhorn_equipartitions_targets():
     from loss import PrototypeLoss, sinkhorn
     torch.manual_seed(0)
@@ -687,7 +716,7 @@ def _one_step(world, rank, batch):
     g, l = batch
     per = len(g) // world
     stats = [pretrain.training_step(ddp, teacher, opt, g[rank * per:(rank + 1) * per], l[rank * per:(rank + 1) * per],
-                                    0.1, 0.99, 3.0) for _ in range(2)]
+                                    0.1, 0.99, 3.0, False) for _ in range(2)]
     keys = ["loss", "cross_entropy", "mean_entropy"]
     means = [dict(zip(keys, pretrain.all_mean([s[k] for k in keys]))) for s in stats]
     return dict(stats=means, student=model.state_dict(), teacher=teacher.state_dict())
@@ -794,6 +823,7 @@ def test_attr_toy_run_and_head_only(tmp_path, toy_root):
     res = _toy_finetune("finetune_attr.py", toy_root, str(tmp_path / "a"), "--init", init, "--head-only",
                         "--runs", "2", "--frac", "0.5")
     assert res["n_train"] == 48 and res["n_train_total"] == 96 and len(res["runs"]) == 2
+    assert res["args"]["bf16"] == torch.cuda.is_available()  # the default: bf16 autocast on CUDA only
     acc = res["runs"][0]["final"]["test"]["mean_accuracy"]
     assert 0 <= acc <= 100 and len(res["runs"][0]["final"]["test"]["per_attribute"]) == 22
     assert res["mean"]["test/mean_accuracy"] == pytest.approx(
@@ -984,10 +1014,10 @@ def test_alignment_head_shapes():
 
 
 def test_align_toy_run(tmp_path, toy_root):
-    res = _toy_finetune("finetune_align.py", toy_root, str(tmp_path / "l"), "--heatmap-size", "16")
+    res = _toy_finetune("finetune_align.py", toy_root, str(tmp_path / "l"), "--heatmap-size", "16", "--bf16")
     test = res["runs"][0]["final"]["test"]
     assert {"nme", "nme_common", "nme_challenging", "failure_rate", "auc"} <= set(test)
-    assert test["nme"] > 0 and 0 <= test["auc"] <= 1
+    assert test["nme"] > 0 and 0 <= test["auc"] <= 1 and res["args"]["bf16"] is True
 
 
 def test_missing_pts_image_is_skipped_and_bad_pts_is_an_error(tmp_path):
