@@ -202,7 +202,7 @@ def bench_pipeline(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=pretrain.HelpFormatter)
-    p.add_argument("--only", choices=["step", "retrieval", "pipeline"], default=None, help="one section")
+    p.add_argument("--only", choices=["step", "retrieval", "pipeline"], default=None, help="one section (default: all)")
     p.add_argument("--batch-size", type=int, default=4, help="images per training step")
     p.add_argument("--steps", type=int, default=7, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")

@@ -6,7 +6,8 @@ What every task shares (and only that): the backbone from --init (random, ours, 
 MSN: Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen backbone),
 AdamW with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs (--runs, mean and std
 as the paper's 5 runs), batched evaluation on the test split, results.json, DDP under torchrun, bf16
-autocast (--bf16: on CUDA by default), checkpoint + resume. A task supplies its data, head, loss, predictions and metrics.
+autocast (--bf16: on CUDA by default), checkpoint + resume. A task supplies its data, head, loss,
+predictions and metrics.
 """
 import argparse
 import json
@@ -62,7 +63,7 @@ def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_si
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many epochs (0: at the end)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast "
-                   "(default: on CUDA only; on CPUs with avx512_bf16 or AMX it is faster too, README)")
+                   "(default: on CUDA only); on a CPU with native bf16 it is faster too (README)")
     p.add_argument("--out", default=None, help="results.json and checkpoints (default: runs/<script>-<dataset>)")
 
 

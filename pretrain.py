@@ -33,7 +33,10 @@ from vit import ARCHS, no_weight_decay
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every default."""
+    """--help keeps the docstring's layout and shows every default (a None default: its help says it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -74,8 +77,8 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--workers", type=int, default=8, help="DataLoader processes per training process")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the "
-                   "networks (the loss stays fp32); default: on CUDA only. On CPUs with avx512_bf16 or AMX it "
-                   "is faster too (README)")
+                   "networks (the loss stays fp32); default: on CUDA only. On a CPU with native bf16 it is "
+                   "faster too (README)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
     p.add_argument("--knn-every", type=int, default=0, help="every this many epochs, a k-NN probe of the teacher "
                    "on labelled attributes and expressions (0: never)")

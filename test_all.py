@@ -1048,6 +1048,7 @@ def test_every_script_has_help():
                    "finetune_expr.py", "finetune_align.py", "toyfaces.py", "bench.py", "figures.py"):
         code, out, err = run_script(script, "--help")
         assert code == 0 and "usage" in out, script
+        assert "(default: None)" not in out, script  # a None default is explained in the option's help
 
 
 # ============================================================================= figures.py and the k-NN probe (issue 9)
