@@ -117,7 +117,7 @@ class PrototypeLoss(nn.Module):
             s_g = self.predictions(z_teacher, self.tau_teacher)                      # (B, M, K)
             if self.sinkhorn:  # not in the paper: MSN's equipartition of the targets (see --sinkhorn)
                 s_g = sinkhorn(s_g.flatten(0, 1)).view_as(s_g)
-        log_s_l = F.log_softmax(self.cosine(z_student) / self.tau_student, dim=-1)  # (B, N, K)
+        log_s_l = F.log_softmax(self.cosine(z_student) / self.tau_student, dim=-1)   # (B, N, K)
         # Eq. 3: cross-entropy of every (global m, local n) pair of an image, averaged over the M x N pairs
         ce = -(s_g[:, :, None] * log_s_l[:, None]).sum(-1)                           # (B, M, N)
         cross_entropy = ce.mean()                                                    # Eq. 2, first term
