@@ -213,7 +213,7 @@ def main():
                    "(default: an untrained toy CNN)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    args.bf16 = pretrain.use_bf16(args.bf16, device)
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, bf16 {args.bf16}")
     for name, fn in (("step", bench_step), ("retrieval", bench_retrieval), ("pipeline", bench_pipeline)):
         if args.only in (None, name):

@@ -26,7 +26,7 @@ from crops import IMAGENET_MEAN, IMAGENET_STD
 import data
 from data import data_root, load_image
 from loss import cosine_schedule
-from pretrain import HelpFormatter, all_mean, save_atomic, setup_distributed
+from pretrain import HelpFormatter, all_mean, save_atomic, setup_distributed, use_bf16
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 # A few-shot epoch takes seconds and a checkpoint of the optimiser state a good part of one: checkpoint
@@ -320,7 +320,7 @@ def main(task, argv=None):
     args.data = args.data or os.path.join(data_root(args.data_root), args.dataset)
     args.out = args.out or os.path.join("runs", f"{task.name}-{args.dataset}")
     rank, world, device = setup_distributed()
-    args.bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    args.bf16 = use_bf16(args.bf16, device)
     train_set, tests = task.datasets(args)
     n_keep = int(math.floor(args.frac * len(train_set) + 1e-9))
     if rank == 0:

@@ -103,6 +103,11 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
+def use_bf16(flag, device):
+    """--bf16 / --no-bf16 as given; unset: bf16 autocast on CUDA only."""
+    return device.type == "cuda" if flag is None else flag
+
+
 def all_mean(values):
     """Average a list of floats over processes (for logging and the non-finite check)."""
     t = torch.tensor(values, dtype=torch.float64)
@@ -304,7 +309,7 @@ def knn_probe(backbone, sets, size, device):
 
 def main(args):
     rank, world, device = setup_distributed()
-    args.bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    args.bf16 = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     images = pretrain_dataset(args.data, args.data_root)
