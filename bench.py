@@ -23,7 +23,7 @@ import time
 import torch
 
 import pretrain
-from crops import MultiCrop
+from crops import MultiCrop, normalize
 from loss import PrototypeLoss, ProjectionHead
 from retrieval import ArcFace, select_batch
 
@@ -186,7 +186,7 @@ def bench_pipeline(args, device):
         t1 = time.perf_counter()
         local, _ = pretrain.select_local_views(batch, arcface, pa, torch.Generator().manual_seed(i), device)
         t2 = time.perf_counter()
-        g, l = batch["global_views"].to(device), local.to(device)
+        g, l = normalize(batch["global_views"].to(device)), normalize(local.to(device))
         step_time = timed(lambda: pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0, args.bf16),
                           device)
         if i >= args.warmup:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from crops import MultiCrop
+from crops import MultiCrop, normalize
 from data import data_root, pretrain_dataset, run_cli
 from loss import PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule
 from retrieval import ArcFace, select_batch
@@ -147,8 +147,7 @@ def collate(samples):
     ok = [s for s in samples if s is not None]
     if not ok:
         raise RuntimeError(f"all {len(samples)} images of a batch were unreadable: check the dataset")
-    g, l, raw = (torch.stack(x) for x in zip(*ok))
-    return dict(global_views=g, local_views=l, raw=raw, skipped=len(samples) - len(ok))
+    return dict({k: torch.stack([s[k] for s in ok]) for k in ok[0]}, skipped=len(samples) - len(ok))
 
 
 def epoch_loader(views, args, epoch, start_batch, world, rank, pin):
@@ -209,7 +208,7 @@ def param_groups(model, weight_decay):
 
 def select_local_views(batch, arcface, args, generator, device):
     """Face-aware retrieval for a batch: one recogniser call on all raw crops (on the GPU when there is
-    one), keep N of C candidates. Returns the local views (B, N, 3, L, L) and the selection counts."""
+    one), keep N of C candidates. Returns the uint8 local views (B, N, 3, L, L) and the selection counts."""
     local = batch["local_views"]
     if arcface is None:
         return local, {}
@@ -320,7 +319,7 @@ def main(args):
     elif rank == 0:
         print("no --arcface: local crops are uncurated (no face-aware retrieval)")
     multicrop = MultiCrop(args.global_size, args.local_size, args.n_global, args.n_local,
-                          args.n_candidates if arcface else args.n_local)
+                          args.n_candidates if arcface else args.n_local, recognizer_size=112 if arcface else None)
     views = Views(images, multicrop, args.seed)
 
     model, teacher = build_models(args)
@@ -374,9 +373,10 @@ def main(args):
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             local_views, rstats = select_local_views(batch, arcface, args, generator, device)
             lr, momentum = lr_at(step), momentum_schedule(step, total_steps, args.momentum_teacher)
-            stats = training_step(ddp, teacher, optimizer, batch["global_views"].to(device, non_blocking=True),
-                                  local_views.to(device, non_blocking=True), lr, momentum, args.clip_grad,
-                                  args.bf16)
+            global_views, local_views = (normalize(v.to(device, non_blocking=True))
+                                         for v in (batch["global_views"], local_views))
+            stats = training_step(ddp, teacher, optimizer, global_views, local_views, lr, momentum,
+                                  args.clip_grad, args.bf16)
             step += 1
             skipped += batch["skipped"]
             keys = ["loss", "cross_entropy", "mean_entropy", "teacher_entropy", "student_entropy"]

@@ -308,18 +308,32 @@ def test_multicrop_shapes_ranges_and_determinism():
     img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (150, 120, 3), np.uint8))
     mc = MultiCrop(64, 32, n_global=2, n_local=3, n_candidates=5)
     torch.manual_seed(1)
-    g, l, raw = mc(img)
-    assert g.shape == (2, 3, 64, 64) and l.shape == (5, 3, 32, 32) and raw.shape == (7, 3, 112, 112)
-    assert raw.dtype == torch.uint8 and g.dtype == torch.float32
-    lo, hi = (0 - 0.485) / 0.229, (1 - 0.406) / 0.225  # the normalised range
-    assert g.min() >= lo - 1e-4 and g.max() <= hi + 1e-4
+    v = mc(img)
+    assert v["global_views"].shape == (2, 3, 64, 64) and v["local_views"].shape == (5, 3, 32, 32)
+    assert v["raw"].shape == (7, 3, 112, 112)
+    assert all(x.dtype == torch.uint8 for x in v.values())  # views are normalised on the device (normalize)
     torch.manual_seed(1)
-    g2, l2, raw2 = mc(img)
-    assert torch.equal(g, g2) and torch.equal(l, l2) and torch.equal(raw, raw2)
+    v2 = mc(img)
+    assert all(torch.equal(v[k], v2[k]) for k in v)
     gc, lc = mc.sample(img)
     assert [c.size for c in gc] == [(64, 64)] * 2 and len(lc) == 5
+    assert set(MultiCrop(64, 32, recognizer_size=None)(img)) == {"global_views", "local_views"}  # no recogniser
     with pytest.raises(ValueError):
         MultiCrop(n_local=8, n_candidates=4)
+
+
+def test_normalize_equals_torchvision_per_view_and_dino_recipe():
+    """The batch normalisation on the device = torchvision's ToDtype(scale) + Normalize on each view, bit for
+    bit (so moving it out of the workers changed no number), and = (x / 255 - mean) / std in float64."""
+    from torchvision.transforms import v2
+    from crops import IMAGENET_MEAN, IMAGENET_STD, normalize
+    views = torch.randint(0, 256, (3, 2, 3, 8, 8), dtype=torch.uint8)  # (B, M, 3, H, W)
+    per_view = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    expected = torch.stack([torch.stack([per_view(v) for v in image]) for image in views])
+    out = normalize(views)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    mean, std = (torch.tensor(c, dtype=torch.float64)[:, None, None] for c in (IMAGENET_MEAN, IMAGENET_STD))
+    assert torch.allclose(out.double(), (views.double() / 255 - mean) / std, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "tiny", "CMYK"])
@@ -332,10 +346,10 @@ def test_multicrop_odd_images(mode):
            "I;16": Image.fromarray(rs.randint(0, 65535, (50, 60)).astype(np.uint16)),
            "tiny": Image.new("RGB", (3, 2), (200, 10, 10)),
            "CMYK": Image.new("CMYK", (40, 40))}[mode]
-    g, l, raw = MultiCrop(32, 16, n_local=2)(img)
-    assert g.shape == (2, 3, 32, 32) and l.shape == (2, 3, 16, 16) and torch.isfinite(g).all()
+    v = MultiCrop(32, 16, n_local=2)(img)
+    assert v["global_views"].shape == (2, 3, 32, 32) and v["local_views"].shape == (2, 3, 16, 16)
     if mode == "I;16":  # 16-bit is scaled to 8 bits, not clipped to white
-        assert raw.float().mean() < 200
+        assert v["raw"].float().mean() < 200
 
 
 def test_to_rgb_scales_16_bit():
