@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 import data
 import vit
-from crops import IMAGENET_MEAN, IMAGENET_STD, contact_sheet
+from crops import contact_sheet, normalize
 from retrieval import ArcFace, figure3
 
 
@@ -51,8 +52,7 @@ def load_backbone(path, arch):
 
 
 def preprocess(img, size):
-    x = torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
-    return ((x.float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])
+    return normalize(pil_to_tensor(img.convert("RGB").resize((size, size), Image.BICUBIC)))
 
 
 # ----------------------------------------------------------------------------- Figure 3

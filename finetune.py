@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from crops import IMAGENET_MEAN, IMAGENET_STD
+from crops import normalize
 import data
 from data import data_root, load_image
 from loss import cosine_schedule
@@ -97,10 +97,10 @@ class LabelledImages(torch.utils.data.Dataset):
 
 
 def image_transform(img_size, train):
-    """Attributes and expressions: resize to img_size (§4.3), random flip for training, normalise."""
-    steps = [v2.PILToTensor(), v2.Resize((img_size, img_size), antialias=True)]
-    steps += [v2.RandomHorizontalFlip()] if train else []
-    t = v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    """Attributes and expressions: resize to img_size (§4.3), random flip for training. uint8 out: the
+    images are normalised on the device, a batch at once (crops.normalize)."""
+    t = v2.Compose([v2.PILToTensor(), v2.Resize((img_size, img_size), antialias=True)]
+                   + ([v2.RandomHorizontalFlip()] if train else []))
     return lambda img, target: (t(img), target)
 
 
@@ -208,7 +208,7 @@ def evaluate(task, model, dataset, args, device):
         if images is None:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            preds.append(task.predict(model, images.to(device)).float().cpu())
+            preds.append(task.predict(model, normalize(images.to(device))).float().cpu())
         targets.append(target)
     metrics = task.metrics(torch.cat(preds), torch.cat(targets), dataset)
     if skipped:
@@ -269,7 +269,8 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step) * g["lr_scale"]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                loss = task.loss(ddp(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True))
+                images = normalize(images.to(device, non_blocking=True))
+                loss = task.loss(ddp(images), targets.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -30,7 +30,6 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import finetune
-from crops import IMAGENET_MEAN, IMAGENET_STD
 from finetune import LabelledImages
 
 
@@ -165,8 +164,8 @@ def warp(img, A, size):
 
 
 class AlignTransform:
-    """Image + landmarks -> (normalised crop, target). The square box around the landmarks (or WFLW's box),
-    enlarged by `crop_scale`, is resized to img_size. Training adds rotation, scale, shift, colour and a
+    """Image + landmarks -> (uint8 crop, target); the crop is normalised on the device (crops.normalize).
+    The square box around the landmarks (or WFLW's box), enlarged by `crop_scale`, is resized to img_size. Training adds rotation, scale, shift, colour and a
     flip with the scheme's point permutation. Train target: landmarks in crop pixels (P, 2); test target:
     [original landmarks (P*2), crop -> image affine (6), subset flags] so predictions can go back."""
 
@@ -174,8 +173,6 @@ class AlignTransform:
         self.size, self.train, self.crop_scale = img_size, train, crop_scale
         self.rotation, self.scale, self.shift = rotation, scale, shift
         self.colour = v2.ColorJitter(0.3, 0.3, 0.2)
-        self.normalize = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __call__(self, img, target):
         landmarks, flags, *box = target
@@ -196,9 +193,9 @@ class AlignTransform:
         if flip:
             points = points[SCHEMES[len(points)]["flip"]]
         if self.train:
-            return self.normalize(crop), torch.tensor(points, dtype=torch.float32)
+            return v2.functional.pil_to_tensor(crop), torch.tensor(points, dtype=torch.float32)
         packed = np.concatenate([landmarks.flatten(), invert_affine(A).flatten(), np.atleast_1d(flags)])
-        return self.normalize(crop), torch.tensor(packed, dtype=torch.float32)
+        return v2.functional.pil_to_tensor(crop), torch.tensor(packed, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- heat-maps

@@ -273,7 +273,7 @@ def features(backbone, items, size, device):
     feats, labels = [], []
     for images, y, _ in loader:
         if images is not None:
-            feats.append(F.normalize(backbone(images.to(device)).float(), dim=-1).cpu())
+            feats.append(F.normalize(backbone(normalize(images.to(device))).float(), dim=-1).cpu())
             labels.append(torch.as_tensor(y).float())
     return torch.cat(feats), torch.cat(labels)
 
