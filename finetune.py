@@ -268,8 +268,8 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
             step = epoch * steps_per_epoch + i
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step) * g["lr_scale"]
+            images = normalize(images.to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                images = normalize(images.to(device, non_blocking=True))
                 loss = task.loss(ddp(images), targets.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

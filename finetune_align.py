@@ -165,9 +165,10 @@ def warp(img, A, size):
 
 class AlignTransform:
     """Image + landmarks -> (uint8 crop, target); the crop is normalised on the device (crops.normalize).
-    The square box around the landmarks (or WFLW's box), enlarged by `crop_scale`, is resized to img_size. Training adds rotation, scale, shift, colour and a
-    flip with the scheme's point permutation. Train target: landmarks in crop pixels (P, 2); test target:
-    [original landmarks (P*2), crop -> image affine (6), subset flags] so predictions can go back."""
+    The square box around the landmarks (or WFLW's box), enlarged by `crop_scale`, is resized to img_size.
+    Training adds rotation, scale, shift, colour and a flip with the scheme's point permutation. Train
+    target: landmarks in crop pixels (P, 2); test target: [original landmarks (P*2), crop -> image affine
+    (6), subset flags] so predictions can go back."""
 
     def __init__(self, img_size, train, crop_scale=1.25, rotation=15.0, scale=0.1, shift=0.05):
         self.size, self.train, self.crop_scale = img_size, train, crop_scale
