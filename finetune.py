@@ -63,7 +63,8 @@ def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_si
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many epochs (0: at the end)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast "
-                   "(default: on CUDA only); on a CPU with native bf16 it is faster too (README)")
+                   "(default: on CUDA only); faster on a CPU with native bf16 (AVX512-BF16, AMX), far slower on one "
+                   "without (README)")
     p.add_argument("--out", default=None, help="results.json and checkpoints (default: runs/<script>-<dataset>)")
 
 

@@ -15,6 +15,7 @@ fine-tuning loads), log.jsonl (one line per logging step).
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -77,8 +78,8 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--workers", type=int, default=8, help="DataLoader processes per training process")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the "
-                   "networks (the loss stays fp32); default: on CUDA only. On a CPU with native bf16 it is "
-                   "faster too (README)")
+                   "networks (the loss stays fp32); default: on CUDA only. Faster on a CPU with native bf16 "
+                   "(AVX512-BF16, AMX), far slower on one without (README)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
     p.add_argument("--knn-every", type=int, default=0, help="every this many epochs, a k-NN probe of the teacher "
                    "on labelled attributes and expressions (0: never)")
@@ -103,8 +104,19 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
+def native_bf16(device):
+    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or
+    AMX. Elsewhere autocast emulates bf16: a ViT-S step was 24x slower than fp32 on an AVX2 CPU (README)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def use_bf16(flag, device):
-    """--bf16 / --no-bf16 as given; unset: bf16 autocast on CUDA only."""
+    """--bf16 / --no-bf16 as given (with a warning where bf16 is emulated); unset: bf16 autocast on CUDA only."""
+    if flag and not native_bf16(device):
+        print(f"warning: --bf16 on a {device.type} without native bf16 is emulated and far slower than fp32 "
+              "(--no-bf16)", file=sys.stderr)
     return device.type == "cuda" if flag is None else flag
 
 

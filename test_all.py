@@ -519,6 +519,18 @@ def test_bf16_flag_sets_the_networks_precision_in_a_training_step():
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from Linux's /proc/cpuinfo")
+def test_native_bf16_matches_the_cpu_flags_and_emulated_bf16_warns(capsys, monkeypatch):
+    import pretrain
+    cpu = torch.device("cpu")
+    flags = set(open("/proc/cpuinfo").read().split())
+    assert pretrain.native_bf16(cpu) == bool(flags & {"avx512_bf16", "amx_bf16"})
+    for native in (True, False):
+        monkeypatch.setattr(pretrain, "native_bf16", lambda device: native)
+        assert [pretrain.use_bf16(flag, cpu) for flag in (True, False, None)] == [True, False, False]
+        assert ("emulated" in capsys.readouterr().err) == (not native)  # only an explicit --bf16 warns
+
+
 def test_sinkhorn_equipartitions_targets():
     from loss import PrototypeLoss, sinkhorn
     torch.manual_seed(0)
