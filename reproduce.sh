@@ -9,9 +9,9 @@ cd "$(dirname "$0")"
 OUT=${OUT:-runs/repro}
 SEEDS=${SEEDS:-2}
 # bf16 autocast where the device has it natively: on a CPU with AVX512-BF16 a pretraining step is 1.5x and a
-# landmark step 2x as fast as in fp32; on an AVX2 CPU autocast emulates bf16 and a step is 24x slower (README).
-BF16=${BF16:-$(python -c "import torch, pretrain
-print('--bf16' if pretrain.native_bf16(torch.device('cuda' if torch.cuda.is_available() else 'cpu')) else '--no-bf16')")}
+# landmark step 2x as fast as in fp32; on an AVX2 CPU autocast emulates bf16 and a ViT-S step is 24x slower
+# (README). The device is the one the scripts pick (pretrain.setup_distributed: CUDA if there is one).
+BF16=${BF16:-$(python -c "import pretrain; print('--bf16' if pretrain.native_bf16(pretrain.setup_distributed()[2]) else '--no-bf16')")}
 echo "reproduce.sh: $BF16"
 mkdir -p "$OUT"
 start=$(date +%s)
