@@ -314,6 +314,8 @@ class Alignment(finetune.Task):
                        "the head's (before layer decay): the paper's 0.01 trains the head well but wrecks a "
                        "pretrained ViT; 1.0 gives the paper's single rate")
         p.add_argument("--heatmap-size", type=int, default=128, help="heat-map side (§4.1: 128)")
+        p.add_argument("--channels", type=int, default=256, help="UperNet width (unstated; mmseg's name). At 64 px "
+                       "inputs the head, not the ViT, is the step's cost: reproduce.sh uses 128")
         p.add_argument("--sigma", type=float, default=1.5, help="Gaussian sigma in heat-map pixels")
         p.add_argument("--crop-scale", type=float, default=1.25, help="face box enlargement before the crop")
         p.add_argument("--protocol", default="common", choices=["common", "private"], help="300W: train on "
@@ -337,7 +339,7 @@ class Alignment(finetune.Task):
         return LabelledImages(data["train"], make(True)), {"test": LabelledImages(data["test"], make(False))}
 
     def build_model(self, backbone, args):
-        return AlignmentModel(backbone, self.n_points, args.heatmap_size)
+        return AlignmentModel(backbone, self.n_points, args.heatmap_size, channels=args.channels)
 
     def loss(self, logits, points):
         # FaRL's soft-label cross-entropy in its per-pixel binary form: every heat-map pixel is a Bernoulli

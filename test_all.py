@@ -1040,8 +1040,11 @@ def test_alignment_head_shapes():
 
 
 def test_align_toy_run(tmp_path, toy_root):
-    res = _toy_finetune("finetune_align.py", toy_root, str(tmp_path / "l"), "--heatmap-size", "16", "--bf16")
+    res = _toy_finetune("finetune_align.py", toy_root, str(tmp_path / "l"), "--heatmap-size", "16", "--bf16",
+                        "--channels", "24")
     test = res["runs"][0]["final"]["test"]
+    head = torch.load(str(tmp_path / "l" / "run0" / "checkpoint.pth"), weights_only=True)["model"]["predict.weight"]
+    assert head.shape == (68, 24, 1, 1)  # --channels is the UperNet's width
     assert {"nme", "nme_common", "nme_challenging", "failure_rate", "auc"} <= set(test)
     assert test["nme"] > 0 and 0 <= test["auc"] <= 1 and res["args"]["bf16"] is True
 
