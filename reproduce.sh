@@ -27,8 +27,9 @@ python pretrain.py $PRE $BF16 --out "$OUT/pretrain-pros_noretrieval"
 # attributes 320 / 3,200 (Table 2: 325 / 3,255), expressions 120 / 1,200 (Table 3: 122 / 1,227),
 # landmarks 49 / 332 (Table 4: 47 / 315). Attributes and expressions: the paper's lr and weight decay but
 # no layer decay: with 0.65 even a supervised control did not beat random init on these few-hundred-step
-# schedules (README). Landmarks: the paper's recipe but a 128-wide UperNet at 4x the lr (at 64 px the head,
-# not the ViT, is the step's cost; at 256 wide and the paper's lr random init did not learn from 49 images).
+# schedules (README). Landmarks: the paper's recipe but a 128-wide UperNet at 4x the lr, 150 epochs at 49
+# images: at 64 px the head, not the ViT, is the step's cost, and 256 wide at the paper's lr for 60 epochs
+# learnt little from 49 images (README).
 FT="--dataset toy --arch vit_tiny --img-size 64 --batch-size 32 --workers 1 $BF16"
 for init in random pros pros_noretrieval; do
   ckpt=random
