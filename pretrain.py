@@ -140,7 +140,8 @@ def save_atomic(obj, path):
 
 class Views(torch.utils.data.Dataset):
     """Index epoch * n + i -> the multi-crop views of image i. Each sample seeds its own RNG from
-    (seed, epoch, i), so its crops do not depend on workers, ranks or resuming."""
+    (seed, epoch, i), so its crops do not depend on workers, ranks or resuming; with --workers 0 the
+    seeding happens in a fork of the training process's RNG, so drop-path draws the same as with workers."""
 
     def __init__(self, images, multicrop, seed):
         self.images, self.multicrop, self.seed = images, multicrop, seed
@@ -149,9 +150,10 @@ class Views(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        torch.manual_seed(self.seed * 1_000_003 + index)
-        img = self.images[index % len(self.images)]
-        return None if img is None else self.multicrop(img)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            img = self.images[index % len(self.images)]
+            return None if img is None else self.multicrop(img)
 
 
 def collate(samples):

@@ -711,6 +711,18 @@ def test_pretrain_resume_gives_the_same_weights(tmp_path, image_folder, monkeypa
     assert all(math.isfinite(r["loss"]) and r["mean_entropy"] <= math.log(32) + 1e-6 for r in log)
 
 
+def test_pretrain_weights_do_not_depend_on_workers(tmp_path, image_folder):
+    """Loading in the training process (--workers 0) must not reseed the RNG that drop-path draws from."""
+    import pretrain
+    runs = {}
+    for w in ("0", "1"):
+        pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / w), "--workers", w, "--epochs", "1"))
+        runs[w] = torch.load(str(tmp_path / w / "checkpoint.pth"), weights_only=True)["student"]
+    assert runs["0"].keys() == runs["1"].keys()
+    for k in runs["0"]:
+        assert torch.equal(runs["0"][k], runs["1"][k]), k
+
+
 def test_pretrain_with_retrieval_logs_reject_rate(tmp_path, toy_root):
     import pretrain
     args = _tiny_pretrain_args(os.path.join(toy_root, "toy", "ms1m"), str(tmp_path / "r"), "--arcface",
