@@ -78,7 +78,10 @@ def layout_2d(points):
 @torch.no_grad()
 def fig5(args):
     """Each prototype drawn at its 2-D position as its nearest training image (teacher features)."""
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    ckpt = vit.read_checkpoint(args.checkpoint)
+    if not (isinstance(ckpt, dict) and {"args", "student", "teacher"} <= ckpt.keys()):
+        raise ValueError(f"{args.checkpoint}: not pretrain.py's checkpoint.pth (Fig. 5 needs its prototypes and "
+                         "projector; teacher_backbone.pth holds the ViT alone)")
     run_args = ckpt["args"]
     backbone = vit.ARCHS[run_args["arch"]]()
     vit.load_pretrained(backbone, ckpt)
@@ -147,10 +150,19 @@ def curves(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    log, unreadable = [], 0
     with open(args.log) as f:
-        log = [json.loads(line) for line in f if line.strip()]
+        for line in filter(str.strip, f):
+            try:
+                log.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short when a run was killed mid-write
+                unreadable += 1
     keys = [k for k in ("loss", "cross_entropy", "mean_entropy", "reject_rate", "knn_attr", "knn_expr")
             if any(k in r for r in log)]
+    if not keys:
+        raise ValueError(f"{args.log}: no training rows (expected pretrain.py's log.jsonl)")
+    if unreadable:
+        print(f"curves: skipped {unreadable} unreadable line(s) of {args.log}")
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
     for ax, k in zip(np.atleast_1d(axes), keys):
         pts = [(r["step"], r[k]) for r in log if k in r]
@@ -178,7 +190,10 @@ def table(args):
         if name.count("-") == 2 and name.split("-")[0] in TASKS and os.path.isfile(path):
             task, init, frac = name.split("-")
             with open(path) as f:
-                found[task, init, float(frac)] = json.load(f)
+                try:
+                    found[task, init, float(frac)] = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
     if not found:
         raise FileNotFoundError(f"{args.dir}: no <task>-<init>-<frac>/results.json")
     inits = [i for i in args.inits if any(k[1] == i for k in found)]

@@ -26,7 +26,7 @@ from crops import normalize
 import data
 from data import data_root, load_image
 from loss import cosine_schedule
-from pretrain import HelpFormatter, all_mean, save_atomic, setup_distributed, use_bf16
+from pretrain import HelpFormatter, all_mean, load_resume, save_atomic, setup_distributed, use_bf16
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 # A few-shot epoch takes seconds and a checkpoint of the optimiser state a good part of one: checkpoint
@@ -246,9 +246,7 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
 
     ckpt_path, start_epoch, history = os.path.join(run_dir, "checkpoint.pth"), 0, []
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_resume(ckpt_path, model=model, optimizer=optimizer)
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         torch.set_rng_state(ckpt["rng"])
         if rank == 0:

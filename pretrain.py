@@ -30,7 +30,7 @@ from crops import MultiCrop, normalize
 from data import data_root, pretrain_dataset, run_cli
 from loss import PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule
 from retrieval import ArcFace, select_batch
-from vit import ARCHS, no_weight_decay
+from vit import ARCHS, no_weight_decay, read_checkpoint
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -134,6 +134,19 @@ def save_atomic(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_resume(path, **parts):
+    """Load checkpoint `path` into each named module or optimizer (to resume) and return it. One from a
+    run with other settings is a one-line error, not a page of size mismatches."""
+    ckpt = read_checkpoint(path)
+    for key, part in parts.items():
+        try:
+            part.load_state_dict(ckpt[key])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{path}: cannot resume its '{key}' ({type(e).__name__}): a run with other settings? "
+                             "Delete it or choose another --out") from None
+    return ckpt
 
 
 # ----------------------------------------------------------------------------- data
@@ -357,10 +370,7 @@ def main(args):
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     step = 0
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_resume(ckpt_path, student=model, teacher=teacher, optimizer=optimizer)
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"])
         if rank == 0:

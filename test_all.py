@@ -1134,3 +1134,36 @@ def test_figures_write_pngs(figure, tiny_run, toy_root, tmp_path):
     figures.main([figure, "--out", out, "--data-root", toy_root, *extra])
     img = Image.open(out)
     assert img.size[0] > 50 and img.size[1] > 50 and np.asarray(img.convert("L")).std() > 1
+
+
+def test_figures_bad_input_is_one_line_error(tiny_run, tmp_path):
+    empty, backbone = tmp_path / "empty.jsonl", os.path.join(tiny_run, "teacher_backbone.pth")
+    empty.write_text("\n")
+    (tmp_path / "attr-random-0.1").mkdir()
+    (tmp_path / "attr-random-0.1" / "results.json").write_text("{")
+    for args, names in ((["fig5", "--checkpoint", backbone], backbone), (["curves", "--log", str(empty)], str(empty)),
+                        (["table", "--dir", str(tmp_path)], "results.json")):
+        code, out, err = run_script("figures.py", *args, "--out", str(tmp_path / "x.png"))
+        assert code != 0 and "Traceback" not in err and names in last_line(err), (args, err)
+
+
+def test_curves_skip_a_line_cut_short(tiny_run, tmp_path, capsys):
+    """A run killed mid-write leaves a partial line in log.jsonl; the curves skip it and say so."""
+    pytest.importorskip("matplotlib")
+    import figures
+    lines = open(os.path.join(tiny_run, "log.jsonl")).read().splitlines()
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join([lines[0], lines[1][:20] + lines[2], *lines[3:]]) + "\n")
+    out = str(tmp_path / "curves.png")
+    figures.main(["curves", "--log", str(log), "--out", out])
+    assert os.path.getsize(out) > 0 and "skipped 1 unreadable line" in capsys.readouterr().out
+
+
+def test_resume_with_other_settings_is_one_line_error(tmp_path, image_folder):
+    import pretrain
+    out = str(tmp_path / "run")
+    pretrain.main(_tiny_pretrain_args(image_folder, out, "--epochs", "1"))
+    code, _, err = run_script("pretrain.py", "--data", image_folder, "--out", out, "--arch", "vit_small",
+                              "--epochs", "2", "--batch-size", "4", "--global-size", "32", "--local-size", "16",
+                              "--n-local", "2", "--n-prototypes", "32", "--out-dim", "16", "--workers", "0")
+    assert code != 0 and "Traceback" not in err and "checkpoint.pth" in last_line(err) and "--out" in last_line(err)

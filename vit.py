@@ -202,7 +202,8 @@ PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
 DROP_PREFIXES = ("head.", "fc_norm.", "fc.", "decoder", "mask_token", "criterion.", "prototypes")
 
 
-def _read_checkpoint(path):
+def read_checkpoint(path):
+    """torch.load to the CPU, tensors only; a missing or unreadable file is a one-line error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path}: no such file")
     try:
@@ -245,7 +246,7 @@ def load_pretrained(model, path_or_state_dict):
     naming the source when nothing matches or a shape differs (e.g. a ViT-B checkpoint into ViT-S).
     """
     source = path_or_state_dict if isinstance(path_or_state_dict, str) else "state dict"
-    ckpt = _read_checkpoint(source) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    ckpt = read_checkpoint(source) if isinstance(path_or_state_dict, str) else path_or_state_dict
     state, dropped = extract_backbone_state(ckpt, source)
     own = model.state_dict()
     if not set(state) & set(own):
