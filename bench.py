@@ -24,6 +24,7 @@ import torch
 
 import pretrain
 from crops import MultiCrop, normalize
+from data import HelpFormatter
 from loss import PrototypeLoss, ProjectionHead
 from retrieval import ArcFace, select_batch
 
@@ -201,7 +202,7 @@ def bench_pipeline(args, device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=pretrain.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--only", choices=["step", "retrieval", "pipeline"], default=None, help="one section (default: all)")
     p.add_argument("--batch-size", type=int, default=4, help="images per training step")
     p.add_argument("--steps", type=int, default=7, help="timed steps (median)")

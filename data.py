@@ -23,6 +23,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 RECORDIO_MAGIC = 0xCED7230A
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default (a None default: its help says it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def run_cli(main):
     """A script's entry point: bad input (a missing file, a wrong format, a diverging run) is one line on
     stderr and exit status 1, not a traceback."""
@@ -197,7 +204,7 @@ def pretrain_dataset(name_or_path, root=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("data", help="toy, a name under the data root (ms1m), or a path")
     p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
     a = p.parse_args()

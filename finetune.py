@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from crops import normalize
 import data
-from data import data_root, load_image
+from data import HelpFormatter, data_root, load_image
 from loss import cosine_schedule
-from pretrain import HelpFormatter, all_mean, load_resume, save_atomic, setup_distributed, use_bf16
+from pretrain import all_mean, load_resume, save_atomic, setup_distributed, use_bf16
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 # A few-shot epoch takes seconds and a checkpoint of the optimiser state a good part of one: checkpoint

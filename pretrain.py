@@ -27,17 +27,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from crops import MultiCrop, normalize
-from data import data_root, pretrain_dataset, run_cli
+from data import HelpFormatter, data_root, pretrain_dataset, run_cli
 from loss import PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule
 from retrieval import ArcFace, select_batch
 from vit import ARCHS, no_weight_decay, read_checkpoint
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every default (a None default: its help says it)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)

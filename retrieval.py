@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from data import run_cli, to_rgb
+from data import HelpFormatter, run_cli, to_rgb
 
 
 class ArcFace:
@@ -173,14 +173,14 @@ def figure3(arcface, images, n_local=8, n_candidates=12, threshold=-0.5, seed=0)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("images", nargs="+", help="face images")
     p.add_argument("--arcface", required=True, help="ONNX recognition model (insightface layout)")
-    p.add_argument("--face-threshold", type=float, default=-0.5, help="theta (paper: -0.5)")
+    p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below are displaced (§3)")
     p.add_argument("--n-local", type=int, default=8, help="N local crops")
     p.add_argument("--n-candidates", type=int, default=12, help="local candidates C per image")
     p.add_argument("--raw-input", action="store_true", help="the graph normalises inside (old MXNet exports)")
-    p.add_argument("--out", default="figure3.png")
+    p.add_argument("--out", default="figure3.png", help="the Fig. 3 sheet (PNG)")
     a = p.parse_args()
     from data import load_image
     images = [load_image(path) for path in a.images]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from data import RECORDIO_MAGIC
+from data import RECORDIO_MAGIC, HelpFormatter
 from loss import cosine_schedule
 
 EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]  # RAF-DB 1..7
@@ -622,11 +622,11 @@ def ensure_world(root, images=DEFAULT_IMAGES, seed=0):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="data/toy", help="output folder")
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="images in ms1m; celeba gets as many, "
                    "rafdb 3/4, 300w 1/2")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4 cores)")
     p.add_argument("--recognizer-steps", type=int, default=600, help="training steps of the toy ArcFace")
     a = p.parse_args()
