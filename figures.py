@@ -91,7 +91,7 @@ def fig5(args):
     prototypes = F.normalize(ckpt["student"]["criterion.prototypes"].float(), dim=-1)
     images = data.pretrain_dataset(args.data or run_args["data"], args.data_root or run_args["data_root"])
     picks = range(0, len(images), max(1, len(images) // args.n_images))
-    pool = [images[i] for i in picks if images[i] is not None]
+    pool = [img for img in map(images.__getitem__, picks) if img is not None]  # each image decoded once
     size = run_args["global_size"]
     feats = torch.cat([F.normalize(head(backbone.eval()(torch.stack([preprocess(im, size) for im in pool[i:i + 64]]))),
                                    dim=-1) for i in range(0, len(pool), 64)])
