@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/repro}
 SEEDS=${SEEDS:-2}
+TOY=${PROS_DATA:-data}/toy  # where --data toy lives (data.data_root), generated there on first use
 # bf16 autocast where the device has it natively: on a CPU with AVX512-BF16 a pretraining step is 1.5x and a
 # landmark step 2x as fast as in fp32; on an AVX2 CPU autocast emulates bf16 and a ViT-S step is 24x slower
 # (README). The device is the one the scripts pick (pretrain.setup_distributed: CUDA if there is one).
@@ -20,7 +21,7 @@ start=$(date +%s)
 # (6 were too few for the fine-tuned teacher to beat random init; README).
 # --sinkhorn: on the toy world the paper's loss alone collapses (README); an existing run resumes.
 PRE="--data toy --arch vit_tiny --epochs 12 --batch-size 64 --global-size 64 --local-size 32 --workers 1 --sinkhorn"
-python pretrain.py $PRE $BF16 --arcface data/toy/arcface.onnx --out "$OUT/pretrain-pros"
+python pretrain.py $PRE $BF16 --arcface "$TOY/arcface.onnx" --out "$OUT/pretrain-pros"
 python pretrain.py $PRE $BF16 --out "$OUT/pretrain-pros_noretrieval"
 
 # 2. fine-tuning, the same recipe for every init. Label fractions give the paper's few-shot image counts:
@@ -48,7 +49,7 @@ done
 # 3. the table and the figures
 python figures.py table --dir "$OUT"
 python figures.py curves --log "$OUT/pretrain-pros/log.jsonl" --out "$OUT/curves.png"
-python figures.py fig3 --arcface data/toy/arcface.onnx --out "$OUT/fig3.png"
+python figures.py fig3 --arcface "$TOY/arcface.onnx" --out "$OUT/fig3.png"
 python figures.py fig5 --checkpoint "$OUT/pretrain-pros/checkpoint.pth" --out "$OUT/fig5.png"
 python figures.py fig6 --checkpoint "$OUT/pretrain-pros/teacher_backbone.pth" --arch vit_tiny --size 64 \
   --finetuned "$OUT/attr-pros-0.1/run0/checkpoint.pth" --out "$OUT/fig6.png"
