@@ -211,6 +211,8 @@ def evaluate(task, model, dataset, args, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             preds.append(task.predict(model, normalize(images.to(device))).float().cpu())
         targets.append(target)
+    if not preds:
+        raise ValueError(f"{args.data}: none of the {len(dataset)} test images was readable")
     metrics = task.metrics(torch.cat(preds), torch.cat(targets), dataset)
     if skipped:
         metrics["unreadable_images"] = skipped
@@ -264,6 +266,8 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
             model.backbone.eval()
         sampler.set_epoch(epoch)
         for i, (images, targets, n_skipped) in enumerate(loader):
+            if images is None:
+                raise ValueError(f"{args.data}: all {n_skipped} images of a training batch were unreadable")
             step = epoch * steps_per_epoch + i
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step) * g["lr_scale"]

@@ -296,6 +296,8 @@ def features(backbone, items, size, device):
         if images is not None:
             feats.append(F.normalize(backbone(normalize(images.to(device))).float(), dim=-1).cpu())
             labels.append(torch.as_tensor(y).float())
+    if not feats:
+        raise ValueError(f"k-NN probe: none of the {len(items)} images was readable (first: {items[0][0]})")
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -1122,6 +1122,14 @@ def tiny_run(tmp_path_factory, toy_root):
     return out
 
 
+def test_knn_features_of_unreadable_images_is_an_error(tmp_path):
+    from pretrain import features
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        features(vit.vit_tiny(), [(str(bad), 0)], 32, torch.device("cpu"))
+
+
 def test_knn_probe_is_logged(tiny_run):
     log = [json.loads(l) for l in open(os.path.join(tiny_run, "log.jsonl"))]
     probe = [r for r in log if "knn_attr" in r]
@@ -1175,3 +1183,18 @@ def test_resume_with_other_settings_is_one_line_error(tmp_path, image_folder):
                               "--epochs", "2", "--batch-size", "4", "--global-size", "32", "--local-size", "16",
                               "--n-local", "2", "--n-prototypes", "32", "--out-dim", "16", "--workers", "0")
     assert code != 0 and "Traceback" not in err and "checkpoint.pth" in last_line(err) and "--out" in last_line(err)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_finetune_unreadable_split_is_one_line_error(tmp_path, split):
+    """A corrupt image is skipped and counted; a split with none readable is a clear error naming the data."""
+    import toyfaces
+    from finetune_attr import read_celeba
+    d = str(tmp_path / "celeba")
+    toyfaces.write_celeba(d, 12, seed=3, workers=1)
+    for path, _ in read_celeba(d)[split]:
+        open(path, "wb").write(b"\xff\xd8\xff garbage")
+    code, out, err = run_script("finetune_attr.py", "--dataset", "celeba", "--data", d, "--arch", "vit_tiny",
+                                "--img-size", "32", "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "r"))
+    expected = {"train": "of a training batch were unreadable", "test": "test images was readable"}[split]
+    assert code != 0 and "Traceback" not in err and d in last_line(err) and expected in last_line(err), err
