@@ -164,11 +164,10 @@ class Views(torch.utils.data.Dataset):
 
 
 def collate(samples):
-    """Stack the readable samples; count the unreadable ones (skipped, never fatal)."""
+    """Stack the readable samples; count the unreadable ones (skipped, never fatal; a batch with none
+    readable has no views, and the training loop stops with an error)."""
     ok = [s for s in samples if s is not None]
-    if not ok:
-        raise RuntimeError(f"all {len(samples)} images of a batch were unreadable: check the dataset")
-    return dict({k: torch.stack([s[k] for s in ok]) for k in ok[0]}, skipped=len(samples) - len(ok))
+    return dict({k: torch.stack([s[k] for s in ok]) for k in ok[0]} if ok else {}, skipped=len(samples) - len(ok))
 
 
 def epoch_loader(views, args, epoch, start_batch, world, rank, pin):
@@ -390,6 +389,8 @@ def main(args):
         epoch = step // steps_per_epoch
         loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world, rank, device.type == "cuda")
         for batch in loader:
+            if "global_views" not in batch:
+                raise ValueError(f"{args.data}: all {batch['skipped']} images of a batch were unreadable")
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             local_views, rstats = select_local_views(batch, arcface, args, generator, device)
             lr, momentum = lr_at(step), momentum_schedule(step, total_steps, args.momentum_teacher)

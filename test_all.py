@@ -711,6 +711,15 @@ def test_pretrain_resume_gives_the_same_weights(tmp_path, image_folder, monkeypa
     assert all(math.isfinite(r["loss"]) and r["mean_entropy"] <= math.log(32) + 1e-6 for r in log)
 
 
+def test_pretrain_batch_with_no_readable_image_is_one_line_error(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    code, _, err = run_script("pretrain.py", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--arch",
+                              "vit_tiny", "--batch-size", "4", "--global-size", "32", "--local-size", "16",
+                              "--workers", "1")
+    assert code != 0 and "Traceback" not in err and str(tmp_path) in last_line(err) and "unreadable" in last_line(err)
+
+
 def test_pretrain_weights_do_not_depend_on_workers(tmp_path, image_folder):
     """Loading in the training process (--workers 0) must not reseed the RNG that drop-path draws from."""
     import pretrain
