@@ -663,12 +663,16 @@ def test_broken_arcface_is_one_line_error(tmp_path, toy_root):
 
 # ============================================================================= pretrain.py (issue 5)
 
+def _tiny_pretrain_argv(data, out, *extra):
+    """A pretraining command line small enough for a test (later flags override earlier ones)."""
+    return ["--data", data, "--out", out, "--arch", "vit_tiny", "--epochs", "2", "--batch-size", "4",
+            "--global-size", "32", "--local-size", "16", "--n-local", "2", "--n-prototypes", "32", "--out-dim", "16",
+            "--workers", "0", "--log-every", "1", "--warmup-epochs", "1", *extra]
+
+
 def _tiny_pretrain_args(data, out, *extra):
     import pretrain
-    return pretrain.get_args(["--data", data, "--out", out, "--arch", "vit_tiny", "--epochs", "2",
-                              "--batch-size", "4", "--global-size", "32", "--local-size", "16", "--n-local", "2",
-                              "--n-prototypes", "32", "--out-dim", "16", "--workers", "0", "--log-every", "1",
-                              "--warmup-epochs", "1", *extra])
+    return pretrain.get_args(_tiny_pretrain_argv(data, out, *extra))
 
 
 @pytest.fixture(scope="session")
@@ -714,9 +718,8 @@ def test_pretrain_resume_gives_the_same_weights(tmp_path, image_folder, monkeypa
 def test_pretrain_batch_with_no_readable_image_is_one_line_error(tmp_path):
     for i in range(4):
         (tmp_path / f"{i}.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    code, _, err = run_script("pretrain.py", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--arch",
-                              "vit_tiny", "--batch-size", "4", "--global-size", "32", "--local-size", "16",
-                              "--workers", "1")
+    argv = _tiny_pretrain_argv(str(tmp_path), str(tmp_path / "run"), "--workers", "1")
+    code, _, err = run_script("pretrain.py", *argv)
     assert code != 0 and "Traceback" not in err and str(tmp_path) in last_line(err) and "unreadable" in last_line(err)
 
 
@@ -1188,9 +1191,7 @@ def test_resume_with_other_settings_is_one_line_error(tmp_path, image_folder):
     import pretrain
     out = str(tmp_path / "run")
     pretrain.main(_tiny_pretrain_args(image_folder, out, "--epochs", "1"))
-    code, _, err = run_script("pretrain.py", "--data", image_folder, "--out", out, "--arch", "vit_small",
-                              "--epochs", "2", "--batch-size", "4", "--global-size", "32", "--local-size", "16",
-                              "--n-local", "2", "--n-prototypes", "32", "--out-dim", "16", "--workers", "0")
+    code, _, err = run_script("pretrain.py", *_tiny_pretrain_argv(image_folder, out, "--arch", "vit_small"))
     assert code != 0 and "Traceback" not in err and "checkpoint.pth" in last_line(err) and "--out" in last_line(err)
 
 
