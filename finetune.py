@@ -26,7 +26,7 @@ from crops import normalize
 import data
 from data import HelpFormatter, data_root, load_image
 from loss import cosine_schedule
-from pretrain import all_mean, load_resume, save_atomic, setup_distributed, use_bf16
+from pretrain import all_mean, load_resume, restore_rng, rng_state, save_atomic, setup_distributed, use_bf16
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 # A few-shot epoch takes seconds and a checkpoint of the optimiser state a good part of one: checkpoint
@@ -234,6 +234,8 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
     model = task.build_model(build_backbone(args), args)
     if args.head_only:
         model.backbone.requires_grad_(False)
+    if world > 1 and device.type == "cuda":  # BatchNorm statistics over all GPUs (the landmark head; mmseg's SyncBN)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -246,11 +248,11 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
     lr_at = lambda s: cosine_schedule(s, total, peak, args.min_lr, int(args.warmup_epochs * steps_per_epoch))
     weights = train_set.weights[subset] if getattr(train_set, "weights", None) is not None else None
 
-    ckpt_path, start_epoch, history = os.path.join(run_dir, "checkpoint.pth"), 0, []
+    ckpt_path, start_epoch, history, skipped = os.path.join(run_dir, "checkpoint.pth"), 0, [], 0
     if os.path.exists(ckpt_path):
         ckpt = load_resume(ckpt_path, model=model, optimizer=optimizer)
-        start_epoch, history = ckpt["epoch"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"])
+        start_epoch, history, skipped = ckpt["epoch"], ckpt["history"], ckpt.get("skipped", 0)
+        restore_rng(ckpt, device)
         if rank == 0:
             print(f"resuming {ckpt_path} at epoch {start_epoch}")
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, disable=rank != 0, desc=f"run {run}",
@@ -259,7 +261,7 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
                            weights)
     loader = DataLoader(train, batch_size=per_process, sampler=sampler, num_workers=args.workers,
                         collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    skipped, saved_at = 0, time.time()
+    saved_at = time.time()
     for epoch in range(start_epoch, args.epochs):
         model.train()
         if args.head_only:
@@ -277,8 +279,8 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            skipped += n_skipped
-            loss_value = all_mean([loss.item()])[0]
+            loss_value, skipped_here = all_mean([loss.item(), n_skipped])
+            skipped += round(skipped_here * world)  # unreadable images of this step, over all processes
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}; last checkpoint {ckpt_path}")
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step):.1e}")
@@ -290,18 +292,21 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
             tqdm.write(f"run {run} epoch {epoch + 1}: {task.summary(flatten(metrics))}")
         if rank == 0 and (last or time.time() - saved_at >= CHECKPOINT_SECONDS):
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                             history=history, rng=torch.get_rng_state()), ckpt_path)
+                             history=history, skipped=skipped, **rng_state(device)), ckpt_path)
             saved_at = time.time()
         if dist.is_initialized():
             dist.barrier()
     bar.close()
+    if dist.is_initialized():  # only rank 0 evaluated: every process returns its history
+        shared = [history]
+        dist.broadcast_object_list(shared, src=0)
+        history = shared[0]
     sign = 1 if task.higher_is_better else -1
     best = max(history, key=lambda h: sign * flatten(h)[task.main_metric])
     result = dict(seed=seed, n_train=len(subset), skipped_train_images=skipped, final=history[-1],
                   best_epoch=best, history=history)
     if rank == 0:
-        with open(result_path, "w") as f:
-            json.dump(result, f, indent=1)
+        save_atomic_json(result, result_path)
     return result
 
 

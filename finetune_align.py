@@ -283,6 +283,10 @@ class AlignmentModel(nn.Module):
     def __init__(self, backbone, n_points, heatmap_size=128, blocks=(4, 6, 8, 12), channels=256):
         super().__init__()
         self.backbone, self.blocks, self.heatmap_size = backbone, blocks, heatmap_size
+        # The final norm, and any block after the last one read, never reach the heat-maps: frozen, so that
+        # DDP does not wait for their gradients
+        backbone.norm.requires_grad_(False)
+        backbone.blocks[max(blocks):].requires_grad_(False)
         D = backbone.embed_dim
         self.scales = nn.ModuleList([  # 14x14 -> 56, 28, 14, 7 (as BEiT/MAE segmentation)
             nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2)),

@@ -115,6 +115,8 @@ class AttributeModel(nn.Module):
         super().__init__()
         self.backbone, self.pool = backbone, pool
         self.fc_norm = nn.LayerNorm(backbone.embed_dim, eps=1e-6) if pool == "mean" else nn.Identity()
+        if pool == "mean":  # the ViT's final norm is then off the path: frozen, so DDP does not wait for it
+            backbone.norm.requires_grad_(False)
         self.head = nn.Linear(backbone.embed_dim, n_attributes)  # A separate linear heads, side by side
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)

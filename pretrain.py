@@ -130,6 +130,20 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def rng_state(device):
+    """The RNG states a resumed run restores: the CPU's and, on a GPU, the GPU's (drop-path draws there)."""
+    state = dict(rng=torch.get_rng_state())
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(ckpt, device):
+    torch.set_rng_state(ckpt["rng"])
+    if device.type == "cuda" and "cuda_rng" in ckpt:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+
+
 def load_resume(path, **parts):
     """Load checkpoint `path` into each named module or optimizer (to resume) and return it. One from a
     run with other settings is a one-line error, not a page of size mismatches."""
@@ -363,19 +377,19 @@ def main(args):
                                       int(args.warmup_epochs * steps_per_epoch), args.warmup_lr * scale)
 
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    step = 0
+    step, skipped = 0, 0
     if os.path.exists(ckpt_path):
         ckpt = load_resume(ckpt_path, student=model, teacher=teacher, optimizer=optimizer)
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"])
+        step, skipped = ckpt["step"], ckpt.get("skipped", 0)
+        restore_rng(ckpt, device)
         if rank == 0:
             print(f"resuming {ckpt_path} at step {step} of {total_steps}")
 
     def save():
         if rank == 0:
             save_atomic(dict(student=model.state_dict(), teacher=teacher.state_dict(),
-                             optimizer=optimizer.state_dict(), step=step, rng=torch.get_rng_state(),
-                             args=vars(args)), ckpt_path)
+                             optimizer=optimizer.state_dict(), step=step, skipped=skipped,
+                             args=vars(args), **rng_state(device)), ckpt_path)
             save_atomic(teacher.backbone.state_dict(), os.path.join(args.out, "teacher_backbone.pth"))
 
     probe_sets = knn_sets(args) if args.knn_every and rank == 0 else None
@@ -384,7 +398,7 @@ def main(args):
               f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {args.lr * scale:.2e}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
-    skipped, tick = 0, time.time()
+    tick, tick_step = time.time(), step
     while step < total_steps:
         epoch = step // steps_per_epoch
         loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world, rank, device.type == "cuda")
@@ -399,13 +413,14 @@ def main(args):
             stats = training_step(ddp, teacher, optimizer, global_views, local_views, lr, momentum,
                                   args.clip_grad, args.bf16)
             step += 1
-            skipped += batch["skipped"]
             keys = ["loss", "cross_entropy", "mean_entropy", "teacher_entropy", "student_entropy"]
-            stats.update(zip(keys, all_mean([stats[k] for k in keys])))
+            *means, skipped_here = all_mean([stats[k] for k in keys] + [batch["skipped"]])
+            stats.update(zip(keys, means))
+            skipped += round(skipped_here * world)  # unreadable images of this step, over all processes
             if not torch.isfinite(torch.tensor(stats["loss"])):
                 raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is {ckpt_path}")
             if rank == 0 and (step % args.log_every == 0 or step == total_steps):
-                rate = args.log_every * global_batch / (time.time() - tick)
+                rate = (step - tick_step) * global_batch / (time.time() - tick)
                 reject = rstats["rejected"] / rstats["candidates"] if rstats else 0.0
                 row = dict(step=step, epoch=step / steps_per_epoch, lr=lr, momentum=momentum, images_per_s=rate,
                            reject_rate=reject, skipped=skipped, **stats)
@@ -414,15 +429,17 @@ def main(args):
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", ce=f"{stats['cross_entropy']:.3f}",
                                 H=f"{stats['mean_entropy']:.2f}", lr=f"{lr:.1e}", img_s=f"{rate:.0f}",
                                 reject=f"{reject:.0%}")
-                tick = time.time()
+                tick, tick_step = time.time(), step
             bar.update(1)
             if step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0):
                 save()
             if probe_sets and step % (args.knn_every * steps_per_epoch) == 0:
+                probe_start = time.time()
                 knn = knn_probe(teacher.backbone, probe_sets, args.global_size, device)
                 log.write(json.dumps(dict(step=step, epoch=step / steps_per_epoch, **knn)) + "\n")
                 log.flush()
                 bar.write(f"epoch {step // steps_per_epoch} k-NN: " + ", ".join(f"{k} {v:.1f}%" for k, v in knn.items()))
+                tick += time.time() - probe_start  # the probe's time is not training throughput
             if step >= total_steps:
                 break
     bar.close()

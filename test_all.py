@@ -685,7 +685,11 @@ def image_folder(tmp_path_factory):
 
 
 def test_pretrain_resume_gives_the_same_weights(tmp_path, image_folder, monkeypatch):
+    import shutil
     import pretrain
+    shutil.copytree(image_folder, tmp_path / "faces")
+    (tmp_path / "faces" / "zz.jpg").write_bytes(b"\xff\xd8\xff garbage")  # image 12 of 13: skipped, counted
+    image_folder = str(tmp_path / "faces")
     pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "full")))
     real_save, calls = pretrain.save_atomic, []
 
@@ -713,6 +717,14 @@ def test_pretrain_resume_gives_the_same_weights(tmp_path, image_folder, monkeypa
     log = [json.loads(l) for l in open(tmp_path / "full" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(r["loss"]) and r["mean_entropy"] <= math.log(32) + 1e-6 for r in log)
+    # the corrupt image, counted each time one of the 3 batches of 4 of an epoch drew it, across the resume
+    expected = 0
+    for epoch in (0, 1):
+        sampler = torch.utils.data.DistributedSampler(range(13), num_replicas=1, rank=0, seed=0, drop_last=True)
+        sampler.set_epoch(epoch)
+        expected += list(sampler)[:12].count(12)
+    resumed = [json.loads(l) for l in open(tmp_path / "cut" / "log.jsonl")]
+    assert expected > 0 and log[-1]["skipped"] == resumed[-1]["skipped"] == expected
 
 
 def test_pretrain_batch_with_no_readable_image_is_one_line_error(tmp_path):
@@ -772,15 +784,18 @@ def _one_step(world, rank, batch):
     return dict(stats=means, student=model.state_dict(), teacher=teacher.state_dict())
 
 
-def test_two_process_gloo_equals_one_process(tmp_path):
+def _free_port():
     import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_equals_one_process(tmp_path):
     torch.manual_seed(1)
     batch = (torch.randn(4, 2, 3, 32, 32), torch.randn(4, 3, 3, 16, 16))
     single = _one_step(1, 0, batch)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), batch), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), batch), nprocs=2)
     ddp = torch.load(str(tmp_path / "ddp.pt"), weights_only=True)
     for a, b in zip(single["stats"], ddp["stats"]):
         for k in a:
@@ -1071,6 +1086,54 @@ def test_align_toy_run(tmp_path, toy_root):
     assert head.shape == (68, 24, 1, 1)  # --channels is the UperNet's width
     assert {"nme", "nme_common", "nme_challenging", "failure_rate", "auc"} <= set(test)
     assert test["nme"] > 0 and 0 <= test["auc"] <= 1 and res["args"]["bf16"] is True
+
+
+@pytest.mark.parametrize("task", ["attr_cls", "attr_mean", "expr", "align"])
+def test_finetuning_trains_exactly_the_parameters_that_reach_the_output(task):
+    # DDP waits for a gradient of every trainable parameter: what the output never sees (the final norm when
+    # it is off the path, blocks after the last one read) must be frozen, and everything else must learn
+    from finetune_align import AlignmentModel
+    from finetune_attr import AttributeModel
+    from finetune_expr import ExpressionModel
+    model = {"attr_cls": lambda b: AttributeModel(b, 3), "attr_mean": lambda b: AttributeModel(b, 3, "mean"),
+             "expr": lambda b: ExpressionModel(b, 7),
+             "align": lambda b: AlignmentModel(b, 5, heatmap_size=8, blocks=(2, 3, 4, 6), channels=8)}[task](vit.vit_tiny())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.grad is not None}
+    assert ("backbone.norm.weight" in trainable) == (task in ("attr_cls", "expr"))
+    assert ("backbone.blocks.11.mlp.fc2.weight" in trainable) == (task != "align")
+    assert "backbone.blocks.5.mlp.fc2.weight" in trainable and "backbone.cls_token" in trainable
+
+
+def _finetune_ddp_worker(rank, world, port, script, argv, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two processes on the CI's two cores
+    import finetune
+    from finetune_align import Alignment
+    from finetune_attr import Attributes
+    res = finetune.main({"attr": Attributes, "align": Alignment}[script](), argv)
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(dict(runs=res["runs"], mean=res["mean"]), f)
+
+
+@pytest.mark.parametrize("script", ["attr", "align"])
+def test_two_process_finetuning_runs_and_every_process_returns_the_result(script, tmp_path, toy_root):
+    out = str(tmp_path / "out")
+    argv = ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny", "--img-size", "32", "--epochs", "1",
+            "--batch-size", "16", "--workers", "0", "--frac", "0.5", "--runs", "2", "--out", out]
+    if script == "align":
+        argv += ["--heatmap-size", "8", "--channels", "8"]
+    torch.multiprocessing.spawn(_finetune_ddp_worker, args=(2, _free_port(), script, argv, str(tmp_path)), nprocs=2)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # rank 1 gets rank 0's evaluation
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["mean"] == ranks[0]["mean"]
+    for run in range(2):
+        with open(os.path.join(out, f"run{run}", "result.json")) as f:
+            assert json.load(f) == ranks[0]["runs"][run]
+    assert [r["seed"] for r in ranks[0]["runs"]] == [0, 1] and ranks[0]["runs"][0]["skipped_train_images"] == 0
 
 
 def test_missing_pts_image_is_skipped_and_bad_pts_is_an_error(tmp_path):
