@@ -86,7 +86,8 @@ def fig5(args):
     backbone = vit.ARCHS[run_args["arch"]]()
     vit.load_pretrained(backbone, ckpt)
     from loss import ProjectionHead
-    head = ProjectionHead(backbone.embed_dim, run_args["out_dim"], run_args.get("projector_bn", False)).eval()
+    head = ProjectionHead(backbone.embed_dim, run_args["out_dim"],
+                          batch_norm=run_args.get("projector_bn", False)).eval()
     head.load_state_dict({k[len("head."):]: v for k, v in ckpt["teacher"].items() if k.startswith("head.")})
     prototypes = F.normalize(ckpt["student"]["criterion.prototypes"].float(), dim=-1)
     images = data.pretrain_dataset(args.data or run_args["data"], args.data_root or run_args["data_root"])

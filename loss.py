@@ -28,7 +28,7 @@ class ProjectionHead(nn.Module):
     that a freshly initialised ViT maps to nearly the same vector get distinct projections from step 1.
     """
 
-    def __init__(self, in_dim, out_dim=256, batch_norm=False, hidden_dim=2048):
+    def __init__(self, in_dim, out_dim=256, hidden_dim=2048, batch_norm=False):
         super().__init__()
         layers = []
         for d_in in (in_dim, hidden_dim):

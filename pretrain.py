@@ -225,7 +225,7 @@ def build_models(args):
     """(ProS student module, teacher encoder): the teacher starts as a copy of the student (§3.3)."""
     def make(drop):
         backbone = ARCHS[args.arch](drop_path_rate=drop)
-        return Encoder(backbone, ProjectionHead(backbone.embed_dim, args.out_dim, args.projector_bn))
+        return Encoder(backbone, ProjectionHead(backbone.embed_dim, args.out_dim, batch_norm=args.projector_bn))
     student, teacher = make(args.drop_path), make(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)

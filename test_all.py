@@ -571,6 +571,10 @@ def test_projector_batch_norm_separates_near_identical_features():
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn.modules()) == 2
     # without the option, the layout (and the keys of existing checkpoints) is the paper's 3 linear layers
     assert list(plain.state_dict()) == [f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]
+    # DESIGN.md's stable signature: ProjectionHead(in_dim, out_dim, hidden_dim), the option after it
+    positional = ProjectionHead(32, 8, 64)
+    assert [m.out_features for m in positional.mlp if isinstance(m, torch.nn.Linear)] == [64, 64, 8]
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in positional.modules())
 
 
 def test_ema_and_schedules():
