@@ -194,6 +194,27 @@ def test_generating_the_toy_world_leaves_the_callers_rng_as_it_was(toy_generatio
     assert torch.equal(after, reseeded)
 
 
+def _ensure_world_worker(rank, root):
+    import time
+    import toyfaces
+
+    def slow_write(out, images, seed):  # stands in for the minutes of generating the world
+        with open(os.path.join(root, "writers"), "a") as f:
+            f.write(f"{rank}\n")
+        time.sleep(3)
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "DONE"), "w").close()
+    toyfaces.write_world = slow_write
+    toyfaces.ensure_world(root)
+    assert os.path.exists(os.path.join(root, "toy", "DONE"))  # nobody returns before the world is there
+
+
+def test_processes_of_one_job_generate_the_toy_world_once(tmp_path):
+    # torchrun's processes all call ensure_world on first use: one writes, the others wait for it
+    torch.multiprocessing.spawn(_ensure_world_worker, args=(str(tmp_path),), nprocs=2)
+    assert len((tmp_path / "writers").read_text().split()) == 1
+
+
 def test_toy_world_reads_back_through_the_real_readers(toy_root):
     import data
     from finetune_align import read_300w

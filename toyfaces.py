@@ -33,6 +33,11 @@ from tqdm import tqdm
 from data import RECORDIO_MAGIC, HelpFormatter
 from loss import cosine_schedule
 
+try:
+    import fcntl  # POSIX: the lock of ensure_world
+except ImportError:
+    fcntl = None
+
 EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]  # RAF-DB 1..7
 ATTRIBUTES = ["Arched_Eyebrows", "Bald", "Bangs", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry",
               "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses", "Goatee", "Gray_Hair", "Mouth_Slightly_Open",
@@ -613,11 +618,20 @@ def write_world(out, images=DEFAULT_IMAGES, seed=0, workers=None, recognizer_ste
 
 
 def ensure_world(root, images=DEFAULT_IMAGES, seed=0):
-    """The built-in default data: `<root>/toy`, generated on first use. Returns its path."""
+    """The built-in default data: `<root>/toy`, generated on first use. Returns its path.
+
+    The processes of a torchrun job all get here: one generates, under a lock, and the others wait for it,
+    instead of rewriting files that the first one is already reading (no lock where fcntl is missing)."""
     out = os.path.join(root, "toy")
-    if not os.path.exists(os.path.join(out, "DONE")):
-        print(f"generating the toy face world in {out} (first use; a few minutes on a CPU)")
-        write_world(out, images, seed)
+    done = os.path.join(out, "DONE")
+    if not os.path.exists(done):
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, "toy.lock"), "w") as lock:
+            if fcntl:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            if not os.path.exists(done):
+                print(f"generating the toy face world in {out} (first use; a few minutes on a CPU)")
+                write_world(out, images, seed)
     return out
 
 
