@@ -234,7 +234,7 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
     model = task.build_model(build_backbone(args), args)
     if args.head_only:
         model.backbone.requires_grad_(False)
-    if world > 1 and device.type == "cuda":  # BatchNorm statistics over all GPUs (the landmark head; mmseg's SyncBN)
+    if world > 1 and device.type == "cuda":  # BatchNorm statistics over all GPUs (the landmark head, as mmseg)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \

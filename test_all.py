@@ -1120,9 +1120,10 @@ def test_finetuning_trains_exactly_the_parameters_that_reach_the_output(task):
     from finetune_align import AlignmentModel
     from finetune_attr import AttributeModel
     from finetune_expr import ExpressionModel
-    model = {"attr_cls": lambda b: AttributeModel(b, 3), "attr_mean": lambda b: AttributeModel(b, 3, "mean"),
+    build = {"attr_cls": lambda b: AttributeModel(b, 3), "attr_mean": lambda b: AttributeModel(b, 3, "mean"),
              "expr": lambda b: ExpressionModel(b, 7),
-             "align": lambda b: AlignmentModel(b, 5, heatmap_size=8, blocks=(2, 3, 4, 6), channels=8)}[task](vit.vit_tiny())
+             "align": lambda b: AlignmentModel(b, 5, heatmap_size=8, blocks=(2, 3, 4, 6), channels=8)}
+    model = build[task](vit.vit_tiny())
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in model.named_parameters() if p.grad is not None}
