@@ -1,4 +1,5 @@
-"""A procedural face world, so that every part of ProS runs on a laptop CPU (cf. paper §3.4, synthetic faces).
+"""A procedural face world, so that every part of ProS runs on a laptop CPU (cf. the synthetic faces of
+paper §3.4 and Fig. 4, which are StyleGAN2's).
 
     python toyfaces.py --out data/toy --images 4000 --seed 0
 
