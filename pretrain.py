@@ -67,6 +67,8 @@ def get_args(argv=None):
                    "exports): feed it 0..255")
     p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below are displaced (§3)")
     p.add_argument("--n-candidates", type=int, default=12, help="C local candidates per image with --arcface")
+    p.add_argument("--n-images", type=int, default=None, help="pretrain on this many images drawn at random by "
+                   "--seed (ProS-1M-real of Tables 1-4: 1000000 of MS1M; default: all)")
     p.add_argument("--out", default="runs/pretrain", help="checkpoints and logs; an existing run resumes")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every this many steps (0: per epoch)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
@@ -175,6 +177,14 @@ class Views(torch.utils.data.Dataset):
             torch.manual_seed(self.seed * 1_000_003 + index)
             img = self.images[index % len(self.images)]
             return None if img is None else self.multicrop(img)
+
+
+def random_subset(images, n, seed):
+    """n of the dataset's images drawn at random by `seed` (ProS-1M-real: 1M of MS1M), in file order."""
+    if not 0 < n <= len(images):
+        raise ValueError(f"--n-images {n}: expected 1 to {len(images)}, the number of images in the dataset")
+    picks = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.utils.data.Subset(images, picks.sort().values.tolist())
 
 
 def collate(samples):
@@ -348,6 +358,8 @@ def main(args):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     images = pretrain_dataset(args.data, args.data_root)
+    if args.n_images is not None:
+        images = random_subset(images, args.n_images, args.seed)
     arcface = None
     if args.arcface:
         arcface = ArcFace(args.arcface, normalize=not args.arcface_raw_input)

@@ -752,6 +752,22 @@ def test_pretrain_resume_gives_the_same_weights(tmp_path, image_folder, monkeypa
     assert expected > 0 and log[-1]["skipped"] == resumed[-1]["skipped"] == expected
 
 
+def test_pretrain_on_a_random_subset(tmp_path, image_folder):
+    """--n-images (ProS-1M-real): that many distinct images, drawn by the seed, and a run over them alone."""
+    import data
+    import pretrain
+    images = data.ImageFolder(image_folder)
+    a, b, c = (pretrain.random_subset(images, 8, s) for s in (0, 0, 1))
+    assert len(a) == 8 and len(set(a.indices)) == 8 and a.indices == sorted(a.indices)
+    assert a.indices == b.indices and a.indices != c.indices
+    assert np.array_equal(np.asarray(a[3]), np.asarray(images[a.indices[3]]))
+    with pytest.raises(ValueError, match="expected 1 to 12"):
+        pretrain.random_subset(images, 13, 0)
+    pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "r"), "--n-images", "8", "--epochs", "1"))
+    log = [json.loads(l) for l in open(tmp_path / "r" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2]  # 8 images in batches of 4
+
+
 def test_pretrain_batch_with_no_readable_image_is_one_line_error(tmp_path):
     for i in range(4):
         (tmp_path / f"{i}.jpg").write_bytes(b"\xff\xd8\xff garbage")
