@@ -2,7 +2,7 @@
 
     python figures.py fig3 --arcface data/toy/arcface.onnx                  # Fig. 3: uncurated vs curated crops
     python figures.py fig5 --checkpoint runs/pretrain/checkpoint.pth        # Fig. 5: prototypes in 2-D
-    python figures.py fig6 --checkpoint runs/pretrain/teacher_backbone.pth [--finetuned runs/attr-toy/run0/checkpoint.pth]
+    python figures.py fig6 --checkpoint runs/pretrain/teacher_backbone.pth [--finetuned attr.pth expr.pth]
     python figures.py curves --log runs/pretrain/log.jsonl                  # training curves
     python figures.py table --dir runs/repro                                # the results table of reproduce.sh
 
@@ -135,12 +135,13 @@ def attention_rows(model, images, size):
 
 
 def fig6(args):
-    """Attention heat-maps of the last block per head: pretrained teacher (and a fine-tuned model)."""
+    """Attention heat-maps of the last block per head: (a) the pretrained teacher, then each fine-tuned model
+    (the paper's (b) CelebA and (c) RAF-DB)."""
     images = [as_image(p) for p in default_images(args, "celeba", args.n)]
     rows = attention_rows(load_backbone(args.checkpoint, args.arch), images, args.size)
-    if args.finetuned:
-        rows += [[Image.new("RGB", (8, 8), (255, 255, 255))]]  # a blank row between the two models
-        rows += attention_rows(load_backbone(args.finetuned, args.arch), images, args.size)
+    for path in args.finetuned or []:
+        rows += [[Image.new("RGB", (8, 8), (255, 255, 255))]]  # a blank row between two models
+        rows += attention_rows(load_backbone(path, args.arch), images, args.size)
     return contact_sheet(rows, tile=args.size)
 
 
@@ -235,7 +236,8 @@ def main(argv=None):
     f5.add_argument("--canvas", type=int, default=900, help="side of the picture in pixels")
     f6 = add("fig6", "last-layer attention per head (Fig. 6)")
     f6.add_argument("--checkpoint", required=True, help="the pretrained teacher (any vit.load_pretrained input)")
-    f6.add_argument("--finetuned", default=None, help="a fine-tuned model's checkpoint, drawn below")
+    f6.add_argument("--finetuned", nargs="+", default=None, help="fine-tuned models' checkpoints, each drawn "
+                    "below the pretrained one (Fig. 6: CelebA, then RAF-DB)")
     f6.add_argument("--arch", default="vit_small", choices=vit.ARCHS, help="backbone of both checkpoints")
     f6.add_argument("--size", type=int, default=224, help="input side")
     fc = add("curves", "training curves from log.jsonl")

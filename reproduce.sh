@@ -52,5 +52,5 @@ python figures.py curves --log "$OUT/pretrain-pros/log.jsonl" --out "$OUT/curves
 python figures.py fig3 --arcface "$TOY/arcface.onnx" --out "$OUT/fig3.png"
 python figures.py fig5 --checkpoint "$OUT/pretrain-pros/checkpoint.pth" --out "$OUT/fig5.png"
 python figures.py fig6 --checkpoint "$OUT/pretrain-pros/teacher_backbone.pth" --arch vit_tiny --size 64 \
-  --finetuned "$OUT/attr-pros-0.1/run0/checkpoint.pth" --out "$OUT/fig6.png"
+  --finetuned "$OUT/attr-pros-0.1/run0/checkpoint.pth" "$OUT/expr-pros-0.5/run0/checkpoint.pth" --out "$OUT/fig6.png"
 echo "reproduce.sh: $(( ($(date +%s) - start) / 60 )) minutes"

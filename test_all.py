@@ -1260,13 +1260,16 @@ def test_figures_write_pngs(figure, tiny_run, toy_root, tmp_path):
     extra = {"fig3": ["--arcface", os.path.join(toy_root, "toy", "arcface.onnx"), "--n", "2"],
              "fig5": ["--checkpoint", os.path.join(tiny_run, "checkpoint.pth"), "--n-images", "40", "--canvas", "200"],
              "fig6": ["--checkpoint", os.path.join(tiny_run, "teacher_backbone.pth"), "--arch", "vit_tiny",
-                      "--size", "32", "--n", "2", "--finetuned", os.path.join(tiny_run, "checkpoint.pth")],
+                      "--size", "32", "--n", "2", "--finetuned", os.path.join(tiny_run, "checkpoint.pth"),
+                      os.path.join(tiny_run, "teacher_backbone.pth")],
              "curves": ["--log", os.path.join(tiny_run, "log.jsonl")]}[figure]
     if figure == "curves":
         pytest.importorskip("matplotlib")
     figures.main([figure, "--out", out, "--data-root", toy_root, *extra])
     img = Image.open(out)
     assert img.size[0] > 50 and img.size[1] > 50 and np.asarray(img.convert("L")).std() > 1
+    if figure == "fig6":  # 3 models x 2 images, a blank row between two models: 8 rows of 32 px + 4 px padding
+        assert img.size == (4 + 4 * 36, 4 + 8 * 36)  # the image and its 3 heads (ViT-Ti) a row
 
 
 def test_figures_bad_input_is_one_line_error(tiny_run, tmp_path):
