@@ -21,6 +21,15 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from data import HelpFormatter, run_cli, to_rgb
 
 
+def onnx_providers(available):
+    """onnxruntime's providers: CUDA on this process's GPU where there is one (under torchrun LOCAL_RANK's,
+    which pretrain.setup_distributed makes current; onnxruntime would take GPU 0), then the CPU."""
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}))
+    return providers
+
+
 class ArcFace:
     """An ONNX face recogniser. The onnxruntime session is created on first use, in the process that
     uses it, so the object can be pickled to DataLoader workers.
@@ -50,8 +59,7 @@ class ArcFace:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if self.threads:
                 opts.intra_op_num_threads = self.threads
-            providers = self.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                                           if p in ort.get_available_providers()]
+            providers = self.providers or onnx_providers(ort.get_available_providers())
             try:
                 self._session = ort.InferenceSession(self.path, opts, providers=providers)
             except Exception as e:

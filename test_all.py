@@ -426,6 +426,18 @@ def test_arcface_fixed_and_dynamic_batch_agree(tmp_path):
     assert fixed.fixed_batch == 1 and dyn.fixed_batch is None
 
 
+def test_arcface_runs_on_this_processs_gpu(monkeypatch):
+    # under torchrun each process embeds on its own GPU (its CUDA tensors are there), not on onnxruntime's GPU 0
+    from retrieval import onnx_providers
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert onnx_providers(both) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert onnx_providers(both) == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
+    assert onnx_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]  # onnxruntime without CUDA
+
+
 def test_arcface_bad_models(tmp_path):
     from retrieval import ArcFace
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
