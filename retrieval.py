@@ -102,6 +102,7 @@ class ArcFace:
     def _run_cuda(self, x):
         """onnxruntime-gpu fed straight from a CUDA tensor through IO binding: no host round trip."""
         x = x.contiguous().float()
+        torch.cuda.current_stream(x.device).synchronize()  # onnxruntime reads x on its own stream: x must be ready
         out_meta = self.session.get_outputs()[0]
         binding = self.session.io_binding()
         binding.bind_input(self.input_name, "cuda", x.device.index or 0, np.float32, tuple(x.shape), x.data_ptr())
