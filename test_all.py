@@ -924,6 +924,10 @@ def test_celeba_bad_inputs(tmp_path):
         read_celeba(_celeba(tmp_path / "b", parts="000001.jpg 0\n000002.jpg 7\n"))
     code, out, err = run_script("finetune_attr.py", "--frac", "0.002", "--data-root", str(tmp_path / "none"))
     assert code != 0 and "--dataset toy" in last_line(err) and "Traceback" not in err
+    import argparse
+    from finetune_attr import read_attributes
+    with pytest.raises(FileNotFoundError, match="lfw_att_40.mat"):  # LFWA's own files named, not CelebA's
+        read_attributes(argparse.Namespace(dataset="lfwa", data=str(tmp_path / "none" / "lfwa")))
 
 
 def _toy_finetune(script, toy_root, out, *extra):
