@@ -105,8 +105,8 @@ def read_attributes(args):
     if args.dataset == "lfwa" and os.path.isfile(os.path.join(args.data, "lfw_att_40.mat")):
         return read_lfwa_mat(args.data)
     if args.dataset == "lfwa" and not os.path.isdir(args.data):
-        raise FileNotFoundError(f"{args.data}: no such folder (expected LFWA's lfw_att_40.mat, "
-                                "indices_train_test.mat and lfw/, or LFWA in the CelebA text layout; or try --dataset toy)")
+        raise FileNotFoundError(f"{args.data}: no such folder (expected LFWA's lfw_att_40.mat, indices_train_test"
+                                ".mat and lfw/, or LFWA in the CelebA text layout; or try --dataset toy)")
     return read_celeba(args.data)
 
 
