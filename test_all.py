@@ -810,9 +810,21 @@ def test_pretrain_with_retrieval_logs_reject_rate(tmp_path, toy_root):
     assert len(log) == 30 and all(r["reject_rate"] == 1.0 for r in log)
 
 
-def _ddp_worker(rank, world, port, tmp, batch):
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_torchrun_process(rank, world, port):
+    """The environment torchrun gives process `rank` of `world` on this machine."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+
+
+def _ddp_worker(rank, world, port, tmp, batch):
+    _as_torchrun_process(rank, world, port)
     stats = _one_step(world, rank, batch)
     if rank == 0:
         torch.save(stats, os.path.join(tmp, "ddp.pt"))
@@ -835,13 +847,6 @@ def _one_step(world, rank, batch):
     keys = ["loss", "cross_entropy", "mean_entropy"]
     means = [dict(zip(keys, pretrain.all_mean([s[k] for k in keys]))) for s in stats]
     return dict(stats=means, student=model.state_dict(), teacher=teacher.state_dict())
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_gloo_equals_one_process(tmp_path):
@@ -1165,8 +1170,7 @@ def test_finetuning_trains_exactly_the_parameters_that_reach_the_output(task):
 
 
 def _finetune_ddp_worker(rank, world, port, script, argv, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    _as_torchrun_process(rank, world, port)
     torch.set_num_threads(1)  # two processes on the CI's two cores
     import finetune
     from finetune_align import Alignment
