@@ -56,7 +56,8 @@ def make_step(backbone, device, args):
     B = args.batch_size
     g = torch.randn(B, 2, 3, 224, 224, device=device)
     l = torch.randn(B, 8, 3, 96, 96, device=device)
-    return lambda: pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0, args.bf16)
+    return lambda: pretrain.training_step(model, teacher, opt, g, l, lr=1e-4, momentum=0.996, clip_grad=3.0,
+                                          bf16=args.bf16)
 
 
 def timed(fn, device):
@@ -179,7 +180,7 @@ def bench_pipeline(args, device):
     opt = torch.optim.AdamW(pretrain.param_groups(model, 0.04))
     views = pretrain.Views(data.pretrain_dataset(pa.data), MultiCrop(n_candidates=pa.n_candidates), 0)
     arcface = ArcFace(pa.arcface)
-    loader = iter(pretrain.epoch_loader(views, pa, 0, 0, 1, 0, device.type == "cuda"))
+    loader = iter(pretrain.epoch_loader(views, pa, epoch=0, pin=device.type == "cuda"))
     full, model_only, retrieval = [], [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -188,8 +189,8 @@ def bench_pipeline(args, device):
         local, _ = pretrain.select_local_views(batch, arcface, pa, torch.Generator().manual_seed(i), device)
         t2 = time.perf_counter()
         g, l = normalize(batch["global_views"].to(device)), normalize(local.to(device))
-        step_time = timed(lambda: pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0, args.bf16),
-                          device)
+        step_time = timed(lambda: pretrain.training_step(model, teacher, opt, g, l, lr=1e-4, momentum=0.996,
+                                                         clip_grad=3.0, bf16=args.bf16), device)
         if i >= args.warmup:
             full.append(time.perf_counter() - t0)
             model_only.append(step_time)

@@ -194,8 +194,9 @@ def collate(samples):
     return dict({k: torch.stack([s[k] for s in ok]) for k in ok[0]} if ok else {}, skipped=len(samples) - len(ok))
 
 
-def epoch_loader(views, args, epoch, start_batch, world, rank, pin):
-    """This process's batches of `epoch`, from batch `start_batch` on (to resume mid-epoch)."""
+def epoch_loader(views, args, epoch, start_batch=0, *, world=1, rank=0, pin=False):
+    """This process's batches of `epoch`, from batch `start_batch` on (to resume mid-epoch); pin: pinned
+    host memory, for a GPU."""
     sampler = DistributedSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     sampler.set_epoch(epoch)
     indices = [epoch * len(views) + i for i in sampler][start_batch * args.batch_size:]
@@ -263,7 +264,7 @@ def select_local_views(batch, arcface, args, generator, device):
     return local[torch.arange(B)[:, None], idx], stats
 
 
-def training_step(model, teacher, optimizer, global_views, local_views, lr, momentum, clip_grad, bf16):
+def training_step(model, teacher, optimizer, global_views, local_views, *, lr, momentum, clip_grad, bf16):
     """One ProS step: teacher on the global views, student on the local views, Eq. 2, AdamW, EMA.
 
     global_views (B, M, 3, G, G), local_views (B, N, 3, L, L) on the model's device; bf16: autocast the
@@ -413,7 +414,8 @@ def main(args):
     tick, tick_step = time.time(), step
     while step < total_steps:
         epoch = step // steps_per_epoch
-        loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world, rank, device.type == "cuda")
+        loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world=world, rank=rank,
+                              pin=device.type == "cuda")
         for batch in loader:
             if "global_views" not in batch:
                 raise ValueError(f"{args.data}: all {batch['skipped']} images of a batch were unreadable")
@@ -422,8 +424,8 @@ def main(args):
             lr, momentum = lr_at(step), momentum_schedule(step, total_steps, args.momentum_teacher)
             global_views, local_views = (normalize(v.to(device, non_blocking=True))
                                          for v in (batch["global_views"], local_views))
-            stats = training_step(ddp, teacher, optimizer, global_views, local_views, lr, momentum,
-                                  args.clip_grad, args.bf16)
+            stats = training_step(ddp, teacher, optimizer, global_views, local_views, lr=lr, momentum=momentum,
+                                  clip_grad=args.clip_grad, bf16=args.bf16)
             step += 1
             keys = ["loss", "cross_entropy", "mean_entropy", "teacher_entropy", "student_entropy"]
             *means, skipped_here = all_mean([stats[k] for k in keys] + [batch["skipped"]])

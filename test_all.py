@@ -547,7 +547,7 @@ def test_bf16_flag_sets_the_networks_precision_in_a_training_step():
         net.backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     for bf16 in (True, False):
         seen.clear()
-        stats = pretrain.training_step(model, teacher, opt, g, l, 1e-4, 0.996, 3.0, bf16)
+        stats = pretrain.training_step(model, teacher, opt, g, l, lr=1e-4, momentum=0.996, clip_grad=3.0, bf16=bf16)
         assert seen == [torch.bfloat16 if bf16 else torch.float32] * 2 and math.isfinite(stats["loss"])
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
 
@@ -843,7 +843,7 @@ def _one_step(world, rank, batch):
     g, l = batch
     per = len(g) // world
     stats = [pretrain.training_step(ddp, teacher, opt, g[rank * per:(rank + 1) * per], l[rank * per:(rank + 1) * per],
-                                    0.1, 0.99, 3.0, False) for _ in range(2)]
+                                    lr=0.1, momentum=0.99, clip_grad=3.0, bf16=False) for _ in range(2)]
     keys = ["loss", "cross_entropy", "mean_entropy"]
     means = [dict(zip(keys, pretrain.all_mean([s[k] for k in keys]))) for s in stats]
     return dict(stats=means, student=model.state_dict(), teacher=teacher.state_dict())
