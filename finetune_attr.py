@@ -112,7 +112,7 @@ def read_attributes(args):
 
 class AttributeModel(nn.Module):
     """ViT -> normalised feature -> A logits. pool='cls': the last layer's cls token after the ViT's final
-    LayerNorm (§4.1); pool='mean': mean of the last layer's patch tokens + a LayerNorm (authors' code)."""
+    LayerNorm (§4.1); pool='mean': mean of the last layer's patch tokens + a LayerNorm (MAE's global pool)."""
 
     def __init__(self, backbone, n_attributes, pool="cls"):
         super().__init__()
@@ -142,7 +142,7 @@ class Attributes(finetune.Task):
         finetune.add_common_args(p, ["celeba", "lfwa", "toy"], lr=5e-4, weight_decay=0.05, layer_decay=0.65,
                                  epochs=100)
         p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="cls token (§4.1) or mean of "
-                       "patch tokens (the authors' released variant)")
+                       "patch tokens (not in the paper: MAE's fine-tuning default, global_pool)")
 
     def datasets(self, args):
         data = read_attributes(args)
