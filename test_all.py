@@ -1237,6 +1237,28 @@ def test_every_script_has_help(capsys):
         assert e.value.code == 0 and "(default: 4)" in out and "(default: None)" not in out, figure
 
 
+def test_defaults_are_the_papers_settings():
+    """§3.3 (pretraining) and §4.1 (fine-tuning), typed from the paper's text."""
+    import argparse
+    import finetune_align
+    import finetune_attr
+    import finetune_expr
+    import pretrain
+    a = pretrain.get_args([])
+    assert (a.arch, a.epochs, a.batch_size, a.lr, a.warmup_lr, a.min_lr, a.warmup_epochs, a.weight_decay) == \
+        ("vit_small", 20, 64, 1e-3, 2e-4, 1e-6, 2, 0.04)
+    assert (a.n_prototypes, a.out_dim, a.tau_teacher, a.tau_student, a.global_size, a.local_size,
+            a.face_threshold) == (1024, 256, 0.025, 0.1, 224, 96, -0.5)
+    paper = {finetune_attr.Attributes: dict(lr=5e-4, weight_decay=0.05, layer_decay=0.65, epochs=100),
+             finetune_expr.Expressions: dict(lr=5e-4, weight_decay=0.5, layer_decay=0.65, epochs=None),
+             finetune_align.Alignment: dict(lr=0.01, weight_decay=1e-5, heatmap_size=128)}
+    for task, settings in paper.items():
+        p = argparse.ArgumentParser()
+        task().add_args(p)
+        args = p.parse_args([])
+        assert {k: getattr(args, k) for k in settings} == settings, task.__name__
+
+
 # ============================================================================= figures.py and the k-NN probe (issue 9)
 
 def test_knn_vote_on_hand_made_points():
