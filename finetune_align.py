@@ -315,8 +315,8 @@ class Alignment(finetune.Task):
                                      lr="§4.1: 0.01, for the head;", layer_decay="unstated for alignment: "
                                      "the 0.65 of the other tasks;", epochs="unstated in the paper"))
         p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="the backbone's lr relative to "
-                       "the head's (before layer decay): the paper's 0.01 trains the head well but wrecks a "
-                       "pretrained ViT; 1.0 gives the paper's single rate")
+                       "the head's (before layer decay). §4.1 gives one lr, 0.01, 20x what it gives the backbone "
+                       "for attributes and expressions: we read it as the head's (README); 1.0 gives one rate")
         p.add_argument("--heatmap-size", type=int, default=128, help="heat-map side (§4.1: 128)")
         p.add_argument("--channels", type=int, default=256, help="UperNet width (unstated; mmseg's name). At 64 px "
                        "inputs the head, not the ViT, is the step's cost: reproduce.sh uses 128")
