@@ -2,12 +2,12 @@
 
     python finetune_attr.py --dataset toy --init runs/pretrain/teacher_backbone.pth --frac 0.01 --runs 5
 
-What every task shares (and only that): the backbone from --init (random, ours, DINO, DeiT/timm, MAE,
-MSN: Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen backbone),
-AdamW with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs (--runs, mean and std
-as the paper's 5 runs), batched evaluation on the test split, results.json, DDP under torchrun, bf16
-autocast (--bf16: on CUDA by default), checkpoint + resume. A task supplies its data, head, loss,
-predictions and metrics.
+What every task shares (and only that): the backbone from --init (random, ours, DINO, DeiT/timm, MAE, MSN:
+Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen backbone), AdamW
+with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs (--runs: mean and std over seeds;
+the paper prints one number per setting), batched evaluation on the test split, results.json, DDP under
+torchrun, bf16 autocast (--bf16: on CUDA by default), checkpoint + resume. A task supplies its data, head,
+loss, predictions and metrics.
 """
 import argparse
 import json
@@ -45,7 +45,8 @@ def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_si
                    "checkpoint.pth), DINO, DeiT/timm, MAE, MSN")
     p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (paper: vit_small; MAE: vit_base)")
     p.add_argument("--frac", type=float, default=1.0, help="few-shot: keep floor(frac * n_train) training images")
-    p.add_argument("--runs", type=int, default=1, help="repeat with seeds seed..seed+runs-1 (paper: 5)")
+    p.add_argument("--runs", type=int, default=1, help="repeat with seeds seed..seed+runs-1: mean and std (the paper "
+                   "prints one number per setting, without its number of runs)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
     p.add_argument("--head-only", action="store_true", help="freeze the backbone, train the head (linear probe)")
     p.add_argument("--epochs", type=int, default=epochs, help=notes.get("epochs", "training epochs"))
