@@ -103,13 +103,15 @@ def normalize(views):
 
 
 def contact_sheet(rows, tile=96, pad=4, boxes=None, captions=None):
-    """Rows of PIL images -> one PIL sheet. boxes[r][c] = colour of a frame around tile (r, c) or None;
-    captions[r][c] = text written on it."""
+    """Rows of PIL images -> one PIL sheet; a None tile is left blank. boxes[r][c] = colour of a frame around
+    tile (r, c) or None; captions[r][c] = text written on it."""
     width = max(len(r) for r in rows) * (tile + pad) + pad
     sheet = Image.new("RGB", (width, len(rows) * (tile + pad) + pad), (255, 255, 255))
     d = ImageDraw.Draw(sheet)
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
+            if im is None:
+                continue
             x, y = pad + j * (tile + pad), pad + i * (tile + pad)
             sheet.paste(im.convert("RGB").resize((tile, tile)), (x, y))
             if boxes and boxes[i][j]:

@@ -121,28 +121,37 @@ def heat_overlay(img, heat):
 
 
 @torch.no_grad()
-def attention_rows(model, images, size):
-    """One row per image: the image, then the last layer's cls attention of every head."""
-    rows = []
+def attention_maps(model, images, size):
+    """Per image, the last layer's cls attention of every head, each overlaid on the image."""
+    maps = []
     for img in images:
         att = model.get_last_selfattention(preprocess(img, size)[None])[0, :, 0, 1:]  # (heads, patches)
         side = size // model.patch_size
         att = att.view(-1, side, side)
         att = (att - att.amin((1, 2), keepdim=True)) / (att.amax((1, 2), keepdim=True) - att.amin((1, 2), keepdim=True) + 1e-9)
         shown = img.convert("RGB").resize((size, size))
-        rows.append([shown] + [heat_overlay(shown, a.numpy()) for a in att])
-    return rows
+        maps.append([heat_overlay(shown, a.numpy()) for a in att])
+    return maps
 
 
 def fig6(args):
-    """Attention heat-maps of the last block per head: (a) the pretrained teacher, then each fine-tuned model
-    (the paper's (b) CelebA and (c) RAF-DB)."""
+    """Attention heat-maps of the last block per head, one row per image: the image, then the heads of (a) the
+    pretrained teacher and of each fine-tuned model, (b), (c), ... (the paper's CelebA and RAF-DB), a blank
+    column between two models. The first row's tiles are captioned with the model's letter and the head."""
     images = [as_image(p) for p in default_images(args, "celeba", args.n)]
-    rows = attention_rows(load_backbone(args.checkpoint, args.arch), images, args.size)
-    for path in args.finetuned or []:
-        rows += [[Image.new("RGB", (8, 8), (255, 255, 255))]]  # a blank row between two models
-        rows += attention_rows(load_backbone(path, args.arch), images, args.size)
-    return contact_sheet(rows, tile=args.size)
+    rows = [[img.convert("RGB").resize((args.size, args.size))] for img in images]
+    header = [None]
+    for i, path in enumerate([args.checkpoint] + (args.finetuned or [])):
+        maps = attention_maps(load_backbone(path, args.arch), images, args.size)
+        if i:  # a blank column between two models
+            header.append(None)
+            for row in rows:
+                row.append(None)
+        for row, heads in zip(rows, maps):
+            row += heads
+        header += [f"({chr(ord('a') + i)}) {h + 1}" for h in range(len(maps[0]))]
+    captions = [header] + [[None] * len(row) for row in rows[1:]]
+    return contact_sheet(rows, tile=args.size, captions=captions)
 
 
 # ----------------------------------------------------------------------------- curves
@@ -236,8 +245,8 @@ def main(argv=None):
     f5.add_argument("--canvas", type=int, default=900, help="side of the picture in pixels")
     f6 = add("fig6", "last-layer attention per head (Fig. 6)")
     f6.add_argument("--checkpoint", required=True, help="the pretrained teacher (any vit.load_pretrained input)")
-    f6.add_argument("--finetuned", nargs="+", default=None, help="fine-tuned models' checkpoints, each drawn "
-                    "below the pretrained one (Fig. 6: CelebA, then RAF-DB)")
+    f6.add_argument("--finetuned", nargs="+", default=None, help="fine-tuned models' checkpoints, drawn to "
+                    "the right of the pretrained one as (b), (c), ... (Fig. 6: CelebA, then RAF-DB)")
     f6.add_argument("--arch", default="vit_small", choices=vit.ARCHS, help="backbone of both checkpoints")
     f6.add_argument("--size", type=int, default=224, help="input side")
     fc = add("curves", "training curves from log.jsonl")

@@ -1310,8 +1310,12 @@ def test_figures_write_pngs(figure, tiny_run, toy_root, tmp_path):
     figures.main([figure, "--out", out, "--data-root", toy_root, *extra])
     img = Image.open(out)
     assert img.size[0] > 50 and img.size[1] > 50 and np.asarray(img.convert("L")).std() > 1
-    if figure == "fig6":  # 3 models x 2 images, a blank row between two models: 8 rows of 32 px + 4 px padding
-        assert img.size == (4 + 4 * 36, 4 + 8 * 36)  # the image and its 3 heads (ViT-Ti) a row
+    if figure == "fig6":  # a row per image (2): the image, then 3 models x 3 heads (ViT-Ti), a blank column
+        assert img.size == (4 + 12 * 36, 4 + 2 * 36)  # between two models; 32 px tiles + 4 px padding
+        sheet = np.asarray(img.convert("RGB"))
+        for spacer in (4, 8):  # the blank columns are white from top to bottom; the heads' are not
+            assert (sheet[:, 4 + spacer * 36:][:, :32] == 255).all()
+            assert (sheet[4:36, 4 + (spacer - 1) * 36:][:, :32] != 255).any()
 
 
 def test_figures_bad_input_is_one_line_error(tiny_run, tmp_path):
