@@ -121,16 +121,16 @@ def heat_overlay(img, heat):
 
 
 @torch.no_grad()
-def attention_maps(model, images, size):
-    """Per image, the last layer's cls attention of every head, each overlaid on the image."""
+def attention_maps(model, images):
+    """Per image (RGB, already at the model's input size), the last layer's cls attention of every head, each
+    overlaid on the image."""
     maps = []
     for img in images:
-        att = model.get_last_selfattention(preprocess(img, size)[None])[0, :, 0, 1:]  # (heads, patches)
-        side = size // model.patch_size
+        att = model.get_last_selfattention(preprocess(img, img.width)[None])[0, :, 0, 1:]  # (heads, patches)
+        side = img.width // model.patch_size
         att = att.view(-1, side, side)
         att = (att - att.amin((1, 2), keepdim=True)) / (att.amax((1, 2), keepdim=True) - att.amin((1, 2), keepdim=True) + 1e-9)
-        shown = img.convert("RGB").resize((size, size))
-        maps.append([heat_overlay(shown, a.numpy()) for a in att])
+        maps.append([heat_overlay(img, a.numpy()) for a in att])
     return maps
 
 
@@ -138,11 +138,11 @@ def fig6(args):
     """Attention heat-maps of the last block per head, one row per image: the image, then the heads of (a) the
     pretrained teacher and of each fine-tuned model, (b), (c), ... (the paper's CelebA and RAF-DB), a blank
     column between two models. The first row's tiles are captioned with the model's letter and the head."""
-    images = [as_image(p) for p in default_images(args, "celeba", args.n)]
-    rows = [[img.convert("RGB").resize((args.size, args.size))] for img in images]
+    images = [as_image(p).convert("RGB").resize((args.size, args.size)) for p in default_images(args, "celeba", args.n)]
+    rows = [[img] for img in images]
     header = [None]
     for i, path in enumerate([args.checkpoint] + (args.finetuned or [])):
-        maps = attention_maps(load_backbone(path, args.arch), images, args.size)
+        maps = attention_maps(load_backbone(path, args.arch), images)
         if i:  # a blank column between two models
             header.append(None)
             for row in rows:
