@@ -14,10 +14,13 @@ skips and counts those, so one corrupt file never stops a run.
 import argparse
 import io
 import os
+import signal
 import struct
+import sys
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import Subset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 RECORDIO_MAGIC = 0xCED7230A
@@ -30,13 +33,81 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def is_rank_zero():
+    """Whether this process prints: the only one, or rank 0 under torchrun."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every default in --help, and a bad option's error on one line (under torchrun,
+    printed by rank 0 alone)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        if is_rank_zero():
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(low, kind=int):
+    """argparse type: a number >= low; anything else is the parser's one-line error naming the option."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what} >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def above(low):
+    """argparse type: a float > low."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not value > low:
+            raise argparse.ArgumentTypeError(f"expected a number > {low}, got {text!r}")
+        return value
+    return parse
+
+
+def fraction(text):
+    """argparse type: a float in (0, 1]."""
+    value = above(0.0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def patch_multiple(text):
+    """argparse type: an image side that the ViT's 16 px patches tile (§3.2: 224 -> 14 x 14, 96 -> 6 x 6)."""
+    value = at_least(16)(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 16 (the patch size), got {text!r}")
+    return value
+
+
 def run_cli(main):
     """A script's entry point: bad input (a missing file, a wrong format, a diverging run) is one line on
-    stderr and exit status 1, not a traceback."""
+    stderr and exit status 1, not a traceback; under torchrun rank 0 alone prints it."""
     try:
         main()
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}" if is_rank_zero() else 1)
+
+
+def ignore_stop_signals(_worker_id=None):
+    """A DataLoader worker's init: Ctrl-C and a cluster's SIGTERM reach every process of the job; the
+    training process handles them (it finishes its step and saves), its workers carry on until it exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def data_root(arg=None):
@@ -95,6 +166,10 @@ class ImageFolder:
     def __getitem__(self, i):
         return load_image(self.files[i])
 
+    def name(self, i):
+        """How a skipped image is listed: its path."""
+        return self.files[i]
+
 
 def read_recordio_record(f, offset, source="train.rec"):
     """The payload of the record at `offset`, its chunks joined (dmlc RecordIO framing)."""
@@ -109,6 +184,8 @@ def read_recordio_record(f, offset, source="train.rec"):
             raise ValueError(f"{source}: bad magic 0x{magic:08x} at byte {f.tell() - 8} (expected 0xced7230a)")
         cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
         parts.append(f.read(length))
+        if len(parts[-1]) < length:
+            raise ValueError(f"{source}: record at byte {offset} runs past the end of the file")
         f.seek((-length) % 4, 1)  # chunks are padded to 4 bytes
         if cflag in (0, 3):  # whole record, or last chunk
             # a record was split where its payload held the magic word: put it back between chunks
@@ -128,30 +205,46 @@ class RecordIO:
 
     Images are keys 1 .. first_identity_key-1 when key 0 is the header record, else every key.
     The file is opened lazily, once per process, so the dataset can go to DataLoader workers.
+    Opening checks the index against the file (an interrupted copy of a 100 GB pack fails here, not
+    hours into a run); a record that still fails to read gives None, skipped and counted like a
+    corrupt image.
     """
 
     def __init__(self, path):
         self.rec = os.path.join(path, "train.rec") if os.path.isdir(path) else path
-        idx = os.path.splitext(self.rec)[0] + ".idx"
-        for p in (self.rec, idx):
+        self.idx = os.path.splitext(self.rec)[0] + ".idx"
+        for p in (self.rec, self.idx):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{p}: not found (RecordIO needs train.rec and train.idx)")
-        self.offsets = {}
-        with open(idx) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        key, off = line.split()
-                        self.offsets[int(key)] = int(off)
-                    except ValueError:
-                        raise ValueError(f"{idx}:{n}: expected 'KEY<TAB>OFFSET', got {line.strip()!r}") from None
+        self.offsets = read_index(self.idx)
         self._file, self._pid = None, None
+        self.check(sample=64)
         header = unpack_payload(self._read(0))[0] if 0 in self.offsets else []
         if len(header) >= 2:  # insightface pack: key 0 holds (first identity key, end key)
             self.keys = [k for k in range(1, int(header[0])) if k in self.offsets]
         else:  # no header record: every key is an image
             self.keys = sorted(self.offsets)
         self._close()
+
+    def check(self, sample=None):
+        """Raise ValueError when train.idx and train.rec disagree: an offset past the end of the file, or
+        a record (the last 16 by offset and `sample` spread over the rest; all when None) whose magic word
+        or length is wrong. Returns the number of records read."""
+        size = os.path.getsize(self.rec)
+        past = sorted(k for k, offset in self.offsets.items() if offset + 8 > size)
+        if past:
+            raise ValueError(f"{self.rec}: {len(past)} of the {len(self.offsets)} records of {self.idx} start "
+                             f"past the end of the file ({size} bytes; first key {past[0]}): an incomplete copy?")
+        keys = sorted(self.offsets, key=self.offsets.get)
+        if sample is not None:
+            keys = sorted(set(keys[-16:] + keys[::max(1, len(keys) // sample)]))
+        for key in keys:
+            try:
+                self._read(key)
+            except ValueError as e:
+                raise ValueError(f"{e} (key {key} of {self.idx}): the pack is damaged or the index is not "
+                                 "its own") from None
+        return len(keys)
 
     def _read(self, key):
         if self._file is None or self._pid != os.getpid():  # one handle per worker process
@@ -175,7 +268,35 @@ class RecordIO:
         return unpack_payload(self._read(self.keys[i]))[0]
 
     def __getitem__(self, i):
-        return decode(unpack_payload(self._read(self.keys[i]))[1])
+        try:
+            return decode(unpack_payload(self._read(self.keys[i]))[1])
+        except (ValueError, struct.error):  # a damaged record: skipped and counted by the caller
+            return None
+
+    def name(self, i):
+        """How a skipped record is listed: the pack and the record's key."""
+        return f"{self.rec}:{self.keys[i]}"
+
+
+def read_index(idx):
+    """train.idx -> {key: byte offset in train.rec}."""
+    offsets = {}
+    with open(idx) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    key, off = line.split()
+                    offsets[int(key)] = int(off)
+                except ValueError:
+                    raise ValueError(f"{idx}:{n}: expected 'KEY<TAB>OFFSET', got {line.strip()!r}") from None
+    return offsets
+
+
+def item_name(dataset, i):
+    """The file or record behind item i of a dataset (through Subsets), for the list of skipped items."""
+    while isinstance(dataset, Subset):
+        dataset, i = dataset.dataset, dataset.indices[i]
+    return dataset.name(i)
 
 
 # ----------------------------------------------------------------------------- by name
@@ -204,11 +325,15 @@ def pretrain_dataset(name_or_path, root=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("data", help="toy, a name under the data root (ms1m), or a path")
     p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
+    p.add_argument("--check-all", action="store_true", help="RecordIO: read every record's framing, not a "
+                   "sample (a full pass over the file)")
     a = p.parse_args()
     ds = pretrain_dataset(a.data, a.data_root)
+    if isinstance(ds, RecordIO) and a.check_all:
+        print(f"{ds.rec}: all {ds.check()} records read back")
     img = ds[0]
     print(f"{type(ds).__name__}: {len(ds)} images; the first is {img.size if img else 'unreadable'}")
 

@@ -8,11 +8,18 @@ with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs (--
 the paper prints one number per setting), batched evaluation on the test split, results.json, DDP under
 torchrun, bf16 autocast (--bf16: on CUDA by default), checkpoint + resume. A task supplies its data, head,
 loss, predictions and metrics.
+
+Each run's checkpoint and result.json record the settings that made them: a run is resumed or its result
+reused only under the same settings (the console says so), and refused under others. Ctrl-C or SIGTERM
+finishes the step, saves and exits; a checkpoint is also written every --save-every-min minutes.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
+import signal
 import time
 
 import torch
@@ -24,49 +31,54 @@ from tqdm import tqdm
 
 from crops import normalize
 import data
-from data import HelpFormatter, data_root, load_image
+from data import ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals, load_image, \
+    patch_multiple
 from loss import cosine_schedule
-from pretrain import all_mean, load_resume, restore_rng, rng_state, save_atomic, setup_distributed, use_bf16
+from pretrain import (StopRequest, Views, all_mean, check_settings, gather_names, load_resume, restore_rng,
+                      rng_state, save_atomic, setup_distributed, stop_exit, use_bf16, write_lines)
 from vit import ARCHS, load_pretrained, no_weight_decay
-
-# A few-shot epoch takes seconds and a checkpoint of the optimiser state a good part of one: checkpoint
-# after an epoch only when the last one is this old (and always after the last epoch).
-CHECKPOINT_SECONDS = 60
 
 
 def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_size=256, notes=None):
     """The flags every task script has; the defaults passed in are the paper's for that task, `notes`
     replaces a flag's help text where a task must explain its default."""
     notes = notes or {}
+    count, nonneg = at_least(1), at_least(0.0, float)
     p.add_argument("--dataset", default=datasets[0], choices=datasets)
     p.add_argument("--data", default=None, help="dataset folder (default: <data root>/<dataset>)")
     p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
     p.add_argument("--init", default="random", help="'random' or a checkpoint: ours (teacher_backbone.pth or "
                    "checkpoint.pth), DINO, DeiT/timm, MAE, MSN")
     p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (paper: vit_small; MAE: vit_base)")
-    p.add_argument("--frac", type=float, default=1.0, help="few-shot: keep floor(frac * n_train) training images")
-    p.add_argument("--runs", type=int, default=1, help="repeat with seeds seed..seed+runs-1: mean and std (the paper "
-                   "prints one number per setting, without its number of runs)")
+    p.add_argument("--frac", type=fraction, default=1.0, help="few-shot: keep floor(frac * n_train) training "
+                   "images")
+    p.add_argument("--runs", type=count, default=1, help="repeat with seeds seed..seed+runs-1: mean and std (the "
+                   "paper prints one number per setting, without its number of runs)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
     p.add_argument("--head-only", action="store_true", help="freeze the backbone, train the head (linear probe)")
-    p.add_argument("--epochs", type=int, default=epochs, help=notes.get("epochs", "training epochs"))
-    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch, split over processes")
-    p.add_argument("--lr", type=float, default=lr, help=notes.get("lr", "") + " effective lr for a global batch "
-                   "of 256; scaled linearly with the real global batch")
-    p.add_argument("--min-lr", type=float, default=0.0, help="the lr decays to this (paper: to zero)")
-    p.add_argument("--weight-decay", type=float, default=weight_decay, help=notes.get("weight_decay", "AdamW; "
+    p.add_argument("--epochs", type=count, default=epochs, help=notes.get("epochs", "training epochs"))
+    p.add_argument("--batch-size", type=count, default=batch_size, help="global batch, split over processes; "
+                   "a training subset smaller than it is one batch")
+    p.add_argument("--lr", type=above(0.0), default=lr, help=notes.get("lr", "") + " the lr for a global batch "
+                   "of 256, scaled by the real global batch / 256 (the linear scaling rule)")
+    p.add_argument("--min-lr", type=nonneg, default=0.0, help="the lr decays to this (paper: to zero)")
+    p.add_argument("--weight-decay", type=nonneg, default=weight_decay, help=notes.get("weight_decay", "AdamW; "
                    "none on biases, norms, pos_embed, cls_token"))
-    p.add_argument("--layer-decay", type=float, default=layer_decay, help=notes.get("layer_decay", "") +
+    p.add_argument("--layer-decay", type=fraction, default=layer_decay, help=notes.get("layer_decay", "") +
                    " block i of L gets lr * layer_decay^(L+1-i); the head gets lr")
-    p.add_argument("--warmup-epochs", type=float, default=5, help="linear warmup (unstated; MAE's 5)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth (unstated; MAE's 0.1)")
-    p.add_argument("--img-size", type=int, default=224, help="inputs are resized to this (§4.3: 224)")
-    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many epochs (0: at the end)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader processes")
+    p.add_argument("--warmup-epochs", type=nonneg, default=5, help="linear warmup (unstated; MAE's 5)")
+    p.add_argument("--drop-path", type=nonneg, default=0.1, help="stochastic depth (unstated; MAE's 0.1)")
+    p.add_argument("--img-size", type=patch_multiple, default=224, help="inputs are resized to this (§4.3: 224)")
+    p.add_argument("--eval-every", type=at_least(0), default=0, help="also evaluate every this many epochs "
+                   "(0: at the end)")
+    p.add_argument("--workers", type=at_least(0), default=4, help="DataLoader processes")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast "
                    "(default: on CUDA only); faster on a CPU with native bf16 (AVX512-BF16, AMX), far slower on one "
                    "without (README)")
-    p.add_argument("--out", default=None, help="results.json and checkpoints (default: runs/<script>-<dataset>)")
+    p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the last one is "
+                   "this many minutes old, so a crash loses at most that much (0: at the end only)")
+    p.add_argument("--out", default=None, help="results.json and checkpoints (default: "
+                   "runs/<dataset>/<task>-<init>-<frac>, e.g. runs/toy/attr-random-0.1)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -97,6 +109,10 @@ class LabelledImages(torch.utils.data.Dataset):
                 img = img.crop((x0, y0, x1, y1))
         return self.transform(img, target)
 
+    def name(self, i):
+        """How a skipped image is listed: its path."""
+        return self.items[i][0]
+
 
 def image_transform(img_size, train):
     """Attributes and expressions: resize to img_size (§4.3), random flip for training. uint8 out: the
@@ -107,11 +123,11 @@ def image_transform(img_size, train):
 
 
 def collate(samples):
-    """Stack readable samples; the number skipped rides along."""
-    ok = [s for s in samples if s is not None]
+    """Stack the readable samples; the unreadable ones, given by their names (pretrain.Views), ride along."""
+    ok = [s for s in samples if not isinstance(s, str)]
     images = torch.stack([s[0] for s in ok]) if ok else None
     targets = torch.stack([torch.as_tensor(s[1]) for s in ok]) if ok else None
-    return images, targets, len(samples) - len(ok)
+    return images, targets, [s for s in samples if isinstance(s, str)]
 
 
 def few_shot_indices(n_train, frac, seed):
@@ -124,20 +140,23 @@ def few_shot_indices(n_train, frac, seed):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """epoch_indices() as a sampler, so one DataLoader (and its workers) serves every epoch: set_epoch(e)."""
+    """epoch_indices() as a sampler, so one DataLoader (and its workers) serves every epoch:
+    set_epoch(e, start) starts epoch e at its sample `start` (a resumed run). It yields epoch * n + i
+    for item i, the index that pretrain.Views seeds each sample's augmentation from."""
 
     def __init__(self, n, count, seed, rank, world, weights=None):
         self.n, self.count, self.seed, self.rank, self.world, self.weights = n, count, seed, rank, world, weights
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        return iter(epoch_indices(self.n, self.epoch, self.seed, self.rank, self.world, self.weights)[:self.count])
+        order = epoch_indices(self.n, self.epoch, self.seed, self.rank, self.world, self.weights)
+        return iter([self.epoch * self.n + i for i in order[self.start:self.count]])
 
     def __len__(self):
-        return self.count
+        return self.count - self.start
 
 
 def epoch_indices(n, epoch, seed, rank, world, weights=None):
@@ -201,12 +220,13 @@ class Task:
 
 @torch.no_grad()
 def evaluate(task, model, dataset, args, device):
-    """Batched predictions over a test set -> the task's metrics (+ how many images were unreadable)."""
+    """Batched predictions over a test set -> (the task's metrics, the names of unreadable images)."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=max(1, args.batch_size), num_workers=args.workers, collate_fn=collate)
-    preds, targets, skipped = [], [], 0
-    for images, target, n_skipped in tqdm(loader, desc="eval", leave=False):
-        skipped += n_skipped
+    loader = DataLoader(Views(dataset, None, 0), batch_size=max(1, args.batch_size), num_workers=args.workers,
+                        collate_fn=collate, worker_init_fn=ignore_stop_signals)
+    preds, targets, skipped = [], [], []
+    for images, target, names in tqdm(loader, desc="eval", leave=False):
+        skipped += names
         if images is None:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -216,18 +236,39 @@ def evaluate(task, model, dataset, args, device):
         raise ValueError(f"{args.data}: none of the {len(dataset)} test images was readable")
     metrics = task.metrics(torch.cat(preds), torch.cat(targets), dataset)
     if skipped:
-        metrics["unreadable_images"] = skipped
-    return metrics
+        metrics["unreadable_images"] = len(skipped)
+    return metrics, skipped
 
 
-def train_one(task, args, train_set, tests, run, rank, world, device):
-    """One run (seed = args.seed + run): subset, model, training, final (and best) metrics."""
+def due(saved_at, args):
+    """Whether the last checkpoint is --save-every-min old."""
+    return bool(args.save_every_min) and time.time() - saved_at >= 60 * args.save_every_min
+
+
+def batch_sizes(args, n_subset, world):
+    """(images per process, steps per epoch): a subset smaller than --batch-size is one batch."""
+    per_process = min(args.batch_size, n_subset) // world
+    if per_process == 0:
+        raise ValueError(f"--batch-size {args.batch_size} over {n_subset} training images and {world} "
+                         "processes leaves no image per process")
+    return per_process, n_subset // world // per_process
+
+
+def train_one(task, args, train_set, tests, run, ctx):
+    """One run (seed = args.seed + run): subset, model, training, final (and best) metrics. A finished
+    run with the same settings is reused, one with others refused."""
+    rank, world, device, stop = ctx
     seed = args.seed + run
+    settings = dict(args.settings, seed=seed)
     run_dir = os.path.join(args.out, f"run{run}")
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         with open(result_path) as f:
-            return json.load(f)
+            result = json.load(f)
+        check_settings(result.get("settings"), settings, result_path)
+        if rank == 0:
+            print(f"run {run}: {result_path} holds this run's result (same settings): reused, not retrained")
+        return result
     os.makedirs(run_dir, exist_ok=True)
     subset = few_shot_indices(len(train_set), args.frac, seed)
     train = torch.utils.data.Subset(train_set, subset)
@@ -242,35 +283,48 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
         if world > 1 else model
     optimizer = torch.optim.AdamW(param_groups_layer_decay(model, args.weight_decay, args.layer_decay,
                                                            getattr(args, "backbone_lr_scale", 1.0)))
-    per_process = max(1, args.batch_size // world)
-    steps_per_epoch = max(1, len(subset) // world // per_process)
+    per_process, steps_per_epoch = batch_sizes(args, len(subset), world)
     total = args.epochs * steps_per_epoch
-    peak = args.lr * per_process * world / 256  # linear scaling from the reference batch of 256
+    peak = args.lr * per_process * world / 256  # linear scaling rule, by the real global batch
     lr_at = lambda s: cosine_schedule(s, total, peak, args.min_lr, int(args.warmup_epochs * steps_per_epoch))
     weights = train_set.weights[subset] if getattr(train_set, "weights", None) is not None else None
 
-    ckpt_path, start_epoch, history, skipped = os.path.join(run_dir, "checkpoint.pth"), 0, [], 0
+    ckpt_path = os.path.join(run_dir, "checkpoint.pth")
+    start_epoch, start_batch, history, skipped = 0, 0, [], set()
     if os.path.exists(ckpt_path):
-        ckpt = load_resume(ckpt_path, model=model, optimizer=optimizer)
-        start_epoch, history, skipped = ckpt["epoch"], ckpt["history"], ckpt.get("skipped", 0)
+        ckpt = load_resume(ckpt_path, settings, model=model, optimizer=optimizer)
+        start_epoch, start_batch, history = ckpt["epoch"], ckpt["batch"], ckpt["history"]
+        skipped = set(ckpt["skipped"])
         restore_rng(ckpt, device)
         if rank == 0:
-            print(f"resuming {ckpt_path} at epoch {start_epoch}")
-    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, disable=rank != 0, desc=f"run {run}",
-               dynamic_ncols=True)
-    sampler = EpochSampler(len(subset), min(steps_per_epoch * per_process, len(subset) // world), seed, rank, world,
-                           weights)
-    loader = DataLoader(train, batch_size=per_process, sampler=sampler, num_workers=args.workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+            print(f"resuming {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
+
+    def save(epoch, batch):
+        if rank == 0:
+            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, batch=batch,
+                             history=history, skipped=sorted(skipped), settings=settings, **rng_state(device)),
+                        ckpt_path)
+
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_batch, disable=rank != 0,
+               desc=f"run {run}", dynamic_ncols=True)
+    sampler = EpochSampler(len(subset), steps_per_epoch * per_process, seed, rank, world, weights)
+    # its own generator: creating the loader's iterator must not advance the global RNG (exact resume)
+    loader = DataLoader(Views(train, None, seed), batch_size=per_process, sampler=sampler,
+                        num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
+                        generator=torch.Generator().manual_seed(seed))
     saved_at = time.time()
     for epoch in range(start_epoch, args.epochs):
         model.train()
         if args.head_only:
             model.backbone.eval()
-        sampler.set_epoch(epoch)
-        for i, (images, targets, n_skipped) in enumerate(loader):
+        first = start_batch if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first * per_process)
+        stopping = False
+        for i, (images, targets, names) in enumerate(loader, first):
             if images is None:
-                raise ValueError(f"{args.data}: all {n_skipped} images of a training batch were unreadable")
+                raise ValueError(f"{args.data}: all {len(names)} images of a training batch were unreadable, "
+                                 f"e.g. {names[0]}")
             step = epoch * steps_per_epoch + i
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step) * g["lr_scale"]
@@ -280,32 +334,45 @@ def train_one(task, args, train_set, tests, run, rank, world, device):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value, skipped_here = all_mean([loss.item(), n_skipped])
-            skipped += round(skipped_here * world)  # unreadable images of this step, over all processes
+            loss_value, n_skipped, stopping = all_mean([loss.item(), len(names), stop.signum > 0])
+            if n_skipped:  # the same on every process: all join the gather
+                skipped.update(gather_names(names, world))
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}; last checkpoint {ckpt_path}")
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step):.1e}")
             bar.update(1)
+            mid_epoch = i + 1 < steps_per_epoch  # at an epoch's end, the epoch's evaluation comes first
+            if mid_epoch and (stopping or due(saved_at, args)):
+                save(epoch, i + 1)
+                saved_at = time.time()
+            if mid_epoch and stopping:
+                bar.close()
+                stop_exit(stop.signum or signal.SIGTERM, step + 1, ckpt_path)
         last = epoch + 1 == args.epochs
         if rank == 0 and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
-            metrics = {name: evaluate(task, model, ds, args, device) for name, ds in tests.items()}
+            metrics = {}
+            for name, ds in tests.items():
+                metrics[name], bad = evaluate(task, model, ds, args, device)
+                skipped.update(bad)
             history.append(dict(epoch=epoch + 1, **metrics))
             tqdm.write(f"run {run} epoch {epoch + 1}: {task.summary(flatten(metrics))}")
-        if rank == 0 and (last or time.time() - saved_at >= CHECKPOINT_SECONDS):
-            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                             history=history, skipped=skipped, **rng_state(device)), ckpt_path)
+        if last or stopping or due(saved_at, args):
+            save(epoch + 1, 0)
             saved_at = time.time()
+        if stopping and not last:
+            bar.close()
+            stop_exit(stop.signum or signal.SIGTERM, (epoch + 1) * steps_per_epoch, ckpt_path)
         if dist.is_initialized():
             dist.barrier()
     bar.close()
     if dist.is_initialized():  # only rank 0 evaluated: every process returns its history
-        shared = [history]
+        shared = [history, sorted(skipped)]
         dist.broadcast_object_list(shared, src=0)
-        history = shared[0]
+        history, skipped = shared
     sign = 1 if task.higher_is_better else -1
     best = max(history, key=lambda h: sign * flatten(h)[task.main_metric])
-    result = dict(seed=seed, n_train=len(subset), skipped_train_images=skipped, final=history[-1],
-                  best_epoch=best, history=history)
+    result = dict(seed=seed, n_train=len(subset), skipped=sorted(skipped), final=history[-1],
+                  best_epoch=best, history=history, settings=settings)
     if rank == 0:
         save_atomic_json(result, result_path)
     return result
@@ -322,29 +389,75 @@ def flatten(metrics, prefix=""):
     return out
 
 
+def file_digest(path):
+    """sha256 of a file, to tell two --init checkpoints with one path apart."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Flags that do not change a run's result: where it writes, how it loads, how many runs there are.
+NOT_SETTINGS = ("out", "data_root", "workers", "runs", "save_every_min", "init")
+
+
+def run_settings(args, world, n_train_total):
+    """What a checkpoint or result must match to be resumed or reused: every flag that changes the
+    result, the --init file's digest (not its path), the number of processes and the training set's size."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    digest = "random" if args.init == "random" else file_digest(args.init)
+    return dict(flags, init_sha256=digest, processes=world, n_train_total=n_train_total)
+
+
+def default_out(task, args):
+    """runs/<dataset>/<task>-<init>-<frac>: runs from other inits or subsets never share a folder, and
+    `figures.py table --dir runs/<dataset>` reads them. A checkpoint's init is named by its folder and file."""
+    init = "random"
+    if args.init != "random":
+        parent = os.path.basename(os.path.dirname(os.path.abspath(args.init)))
+        init = re.sub(r"[^A-Za-z0-9]+", "_", f"{parent}_{os.path.splitext(os.path.basename(args.init))[0]}")
+    return os.path.join("runs", args.dataset, f"{task.name}-{init}-{args.frac:g}")
+
+
 def main(task, argv=None):
     """Parse the task's command line, run --runs runs, write <out>/results.json."""
-    p = argparse.ArgumentParser(description=task.__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=task.__doc__)
     task.add_args(p)
     args = p.parse_args(argv)
+    if args.init != "random" and not os.path.isfile(args.init):
+        p.error(f"--init {args.init}: no such file (expected 'random' or a checkpoint)")
+    with StopRequest() as stop:
+        return run_all(task, args, stop)
+
+
+def run_all(task, args, stop):
     args.data = args.data or os.path.join(data_root(args.data_root), args.dataset)
-    args.out = args.out or os.path.join("runs", f"{task.name}-{args.dataset}")
+    args.out = args.out or default_out(task, args)
     rank, world, device = setup_distributed()
     args.bf16 = use_bf16(args.bf16, device)
     train_set, tests = task.datasets(args)
+    args.settings = run_settings(args, world, len(train_set))
     n_keep = int(math.floor(args.frac * len(train_set) + 1e-9))
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         print(f"{args.dataset}: {len(train_set)} training images, --frac {args.frac} keeps {n_keep}; "
-              f"test: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()))
-    runs = [train_one(task, args, train_set, tests, r, rank, world, device) for r in range(args.runs)]
+              f"test: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()) + f"; results in {args.out}")
+    ctx = (rank, world, device, stop)
+    runs = [train_one(task, args, train_set, tests, r, ctx) for r in range(args.runs)]
     finals = [flatten(r["final"]) for r in runs]
     mean = {k: sum(f[k] for f in finals) / len(finals) for k in finals[0]}
     std = {k: (sum((f[k] - mean[k]) ** 2 for f in finals) / max(1, len(finals) - 1)) ** 0.5 for k in finals[0]}
-    results = dict(args=vars(args), n_train_total=len(train_set), n_train=n_keep, runs=runs, mean=mean, std=std)
+    settings = vars(args).pop("settings")
+    results = dict(args=vars(args), settings=settings, n_train_total=len(train_set), n_train=n_keep, runs=runs,
+                   mean=mean, std=std)
+    skipped = sorted({name for r in runs for name in r["skipped"]})
     if rank == 0:
         save_atomic_json(results, os.path.join(args.out, "results.json"))
-        print(f"{len(runs)} run(s), final epoch, mean (std): " + task.summary(mean, std))
+        if skipped:
+            write_lines(os.path.join(args.out, "skipped.txt"), skipped)
+        print(f"{len(runs)} run(s), final epoch, mean (std): " + task.summary(mean, std)
+              + (f"; {len(skipped)} unreadable images skipped, listed in {args.out}/skipped.txt" if skipped else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

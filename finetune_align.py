@@ -30,6 +30,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import finetune
+from data import above, at_least
 from finetune import LabelledImages
 
 
@@ -314,14 +315,14 @@ class Alignment(finetune.Task):
                                  epochs=60, batch_size=64, notes=dict(
                                      lr="§4.1: 0.01, for the head;", layer_decay="unstated for alignment: "
                                      "the 0.65 of the other tasks;", epochs="unstated in the paper"))
-        p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="the backbone's lr relative to "
+        p.add_argument("--backbone-lr-scale", type=above(0.0), default=0.1, help="the backbone's lr relative to "
                        "the head's (before layer decay). §4.1 gives one lr, 0.01, 20x what it gives the backbone "
                        "for attributes and expressions: we read it as the head's (README); 1.0 gives one rate")
-        p.add_argument("--heatmap-size", type=int, default=128, help="heat-map side (§4.1: 128)")
-        p.add_argument("--channels", type=int, default=256, help="UperNet width (unstated; mmseg's name). At 64 px "
+        p.add_argument("--heatmap-size", type=at_least(4), default=128, help="heat-map side (§4.1: 128)")
+        p.add_argument("--channels", type=at_least(1), default=256, help="UperNet width (unstated; mmseg's name). At 64 px "
                        "inputs the head, not the ViT, is the step's cost: reproduce.sh uses 128")
-        p.add_argument("--sigma", type=float, default=1.5, help="Gaussian sigma in heat-map pixels")
-        p.add_argument("--crop-scale", type=float, default=1.25, help="face box enlargement before the crop")
+        p.add_argument("--sigma", type=above(0.0), default=1.5, help="Gaussian sigma in heat-map pixels")
+        p.add_argument("--crop-scale", type=above(0.0), default=1.25, help="face box enlargement before the crop")
         p.add_argument("--protocol", default="common", choices=["common", "private"], help="300W: train on "
                        "3,148 and test Common/Challenging/Full, or train on 3,837 and test on the private 600")
 

@@ -7,14 +7,18 @@
 Per image, M global views go to the teacher and N local views to the student (§1, Fig. 2). With
 --arcface, C candidate local crops are cut and the face-aware retrieval keeps N of them in the training
 step, one recogniser call for the whole batch (see DESIGN: the recogniser is too heavy for CPU workers).
-Run the same command again with the same --out and it resumes from the last checkpoint.
+Run the same command again with the same --out and it resumes from the last checkpoint; one made with
+other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finishes the step, saves and exits;
+a checkpoint is also written every --save-every-min minutes and at the end of every epoch.
 
-Outputs in --out: checkpoint.pth (everything to resume), teacher_backbone.pth (the teacher ViT, what
-fine-tuning loads), log.jsonl (one line per logging step).
+Outputs in --out: checkpoint.pth (everything to resume, and the settings it was made with),
+teacher_backbone.pth (the teacher ViT, what fine-tuning loads), log.jsonl (one line per logging step),
+skipped.txt (the unreadable images or records, each once).
 """
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -27,62 +31,94 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from crops import MultiCrop, normalize
-from data import HelpFormatter, data_root, pretrain_dataset, run_cli
+from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals, item_name,
+                  patch_multiple, pretrain_dataset, run_cli)
 from loss import PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule
 from retrieval import ArcFace, select_batch
 from vit import ARCHS, no_weight_decay, read_checkpoint
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
+    count, positive, nonneg = at_least(1), above(0.0), at_least(0.0, float)
     p.add_argument("--data", default="toy", help="toy, a name under the data root (ms1m), or a path")
     p.add_argument("--data-root", default=None, help="where dataset names resolve (default: $PROS_DATA, else ./data)")
     p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: ViT-S/16)")
-    p.add_argument("--epochs", type=int, default=20, help="§3.3")
-    p.add_argument("--batch-size", type=int, default=64, help="images per process (§3.3: 64 x 4 GPUs)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak lr after warmup for a global batch of 256; "
+    p.add_argument("--epochs", type=count, default=20, help="§3.3")
+    p.add_argument("--batch-size", type=count, default=64, help="images per process (§3.3: 64 x 4 GPUs)")
+    p.add_argument("--lr", type=positive, default=1e-3, help="peak lr after warmup for a global batch of 256; "
                    "scaled by global batch / 256 (§3.3)")
-    p.add_argument("--warmup-lr", type=float, default=2e-4, help="initial lr, scaled the same way (§3.3)")
-    p.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine decay (§3.3)")
-    p.add_argument("--warmup-epochs", type=float, default=2, help="§3.3")
-    p.add_argument("--weight-decay", type=float, default=0.04, help="AdamW; none on biases, norms, "
+    p.add_argument("--warmup-lr", type=nonneg, default=2e-4, help="initial lr, scaled the same way (§3.3)")
+    p.add_argument("--min-lr", type=nonneg, default=1e-6, help="final lr of the cosine decay (§3.3)")
+    p.add_argument("--warmup-epochs", type=nonneg, default=2, help="§3.3")
+    p.add_argument("--weight-decay", type=nonneg, default=0.04, help="AdamW; none on biases, norms, "
                    "pos_embed, cls_token, prototypes (§3.3)")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="max global gradient norm (unstated; DINO's 3.0)")
-    p.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA momentum, cosine to 1 (DINO)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth (unstated; DINO's 0.1)")
-    p.add_argument("--n-prototypes", type=int, default=1024, help="K (§3.3)")
-    p.add_argument("--out-dim", type=int, default=256, help="projector output and prototype dim d (§3.2)")
-    p.add_argument("--tau-teacher", type=float, default=0.025, help="tau_g (§3.3)")
-    p.add_argument("--tau-student", type=float, default=0.1, help="tau_l (§3.3)")
+    p.add_argument("--clip-grad", type=positive, default=3.0, help="max global gradient norm (unstated; DINO's 3.0)")
+    p.add_argument("--momentum-teacher", type=fraction, default=0.996, help="EMA momentum, cosine to 1 (DINO)")
+    p.add_argument("--drop-path", type=nonneg, default=0.1, help="student stochastic depth (unstated; DINO's 0.1)")
+    p.add_argument("--n-prototypes", type=count, default=1024, help="K (§3.3)")
+    p.add_argument("--out-dim", type=count, default=256, help="projector output and prototype dim d (§3.2)")
+    p.add_argument("--tau-teacher", type=positive, default=0.025, help="tau_g (§3.3)")
+    p.add_argument("--tau-student", type=positive, default=0.1, help="tau_l (§3.3)")
     p.add_argument("--sinkhorn", action="store_true", help="not in the paper: spread the teacher's targets evenly "
                    "over the prototypes with Sinkhorn-Knopp, as MSN's released code does (see README)")
     p.add_argument("--projector-bn", action="store_true", help="not in the paper: BatchNorm in the projector's "
                    "hidden layers, as MSN's released code (see README)")
-    p.add_argument("--global-size", type=int, default=224, help="global crop side (§3.2)")
-    p.add_argument("--local-size", type=int, default=96, help="local crop side (§3.2)")
-    p.add_argument("--n-global", type=int, default=2, help="M global views (DINO's 2)")
-    p.add_argument("--n-local", type=int, default=8, help="N local views (unstated; DINO's 8)")
+    p.add_argument("--global-size", type=patch_multiple, default=224, help="global crop side (§3.2)")
+    p.add_argument("--local-size", type=patch_multiple, default=96, help="local crop side (§3.2)")
+    p.add_argument("--n-global", type=count, default=2, help="M global views (DINO's 2)")
+    p.add_argument("--n-local", type=count, default=8, help="N local views (unstated; DINO's 8)")
     p.add_argument("--arcface", default=None, help="ONNX recogniser: enables the face-aware retrieval (§3)")
     p.add_argument("--arcface-raw-input", action="store_true", help="the ONNX graph normalises inside (old MXNet "
                    "exports): feed it 0..255")
     p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below are displaced (§3)")
-    p.add_argument("--n-candidates", type=int, default=12, help="C local candidates per image with --arcface")
-    p.add_argument("--n-images", type=int, default=None, help="pretrain on this many images drawn at random by "
+    p.add_argument("--n-candidates", type=count, default=12, help="C local candidates per image with --arcface "
+                   "(at least --n-local)")
+    p.add_argument("--n-images", type=count, default=None, help="pretrain on this many images drawn at random by "
                    "--seed (ProS-1M-real of Tables 1-4: 1000000 of MS1M; default: all)")
     p.add_argument("--out", default="runs/pretrain", help="checkpoints and logs; an existing run resumes")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every this many steps (0: per epoch)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader processes per training process")
+    p.add_argument("--save-every", type=at_least(0), default=0, help="also checkpoint every this many steps "
+                   "(0: never)")
+    p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the last one is "
+                   "this many minutes old, so a crash loses at most that much (0: never)")
+    p.add_argument("--log-every", type=count, default=10, help="steps between log.jsonl lines")
+    p.add_argument("--workers", type=at_least(0), default=8, help="DataLoader processes per training process")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the "
                    "networks (the loss stays fp32); default: on CUDA only. Faster on a CPU with native bf16 "
                    "(AVX512-BF16, AMX), far slower on one without (README)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
-    p.add_argument("--knn-every", type=int, default=0, help="every this many epochs, a k-NN probe of the teacher "
-                   "on labelled attributes and expressions (0: never)")
+    p.add_argument("--knn-every", type=at_least(0), default=0, help="every this many epochs, a k-NN probe of the "
+                   "teacher on labelled attributes and expressions (0: never)")
     p.add_argument("--knn-attr", default=None, help="CelebA-layout folder for the probe (default: the toy world's)")
     p.add_argument("--knn-expr", default=None, help="RAF-DB-layout folder for the probe (default: the toy world's)")
-    p.add_argument("--knn-images", type=int, default=1000, help="at most this many train and test images per set")
-    return p.parse_args(argv)
+    p.add_argument("--knn-images", type=count, default=1000, help="at most this many train and test images per set")
+    args = p.parse_args(argv)
+    if args.arcface and args.n_candidates < args.n_local:
+        p.error(f"--n-candidates {args.n_candidates}: expected at least --n-local ({args.n_local})")
+    return args
+
+
+# Flags that do not change what a run computes: where it writes, how it loads, logs and probes.
+NOT_SETTINGS = ("out", "data_root", "workers", "log_every", "save_every", "save_every_min",
+                "knn_every", "knn_attr", "knn_expr", "knn_images")
+
+
+def run_settings(args, world, n_images):
+    """What a checkpoint must match to be resumed: every flag that changes the result, the number of
+    processes (it sets the global batch) and the number of images in the dataset."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    return dict(flags, processes=world, dataset_images=n_images)
+
+
+def check_settings(saved, current, path):
+    """Refuse a checkpoint or result made with other settings: one line naming them and the ways out."""
+    way_out = f"choose another --out, or delete {os.path.dirname(path) or '.'} to start over"
+    if saved is None:
+        raise ValueError(f"{path} does not record the settings it was made with; {way_out}")
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if differ:
+        said = ", ".join(f"{k} {current.get(k)!r} (there: {saved.get(k)!r})" for k in differ)
+        raise ValueError(f"{path} was made with other settings: {said}; {way_out}")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -92,11 +128,12 @@ def setup_distributed():
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # a scheduler that binds one GPU per task (SLURM) shows each process a single device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
     if cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if not dist.is_initialized():  # gloo for CPU tensors (logging, object gathers), NCCL for CUDA ones
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
@@ -132,6 +169,65 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) and a cluster's preemption (SIGTERM) set `signum`; the training loop finishes its
+    step, saves and exits. A second Ctrl-C stops at once. On exit the previous handlers come back."""
+
+    def __enter__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum == signal.SIGINT == signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def stop_exit(signum, step, path):
+    """After an interruption's checkpoint: say where it is and how to resume; exit 128 + signal number."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"\n{signal.Signals(signum).name} at step {step}: checkpoint {path}; run the same command "
+              "again to resume", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def gather_names(names, world):
+    """Every process's list of skipped items, joined (a collective: every process calls it)."""
+    if world == 1:
+        return list(names)
+    lists = [None] * world
+    dist.all_gather_object(lists, list(names))
+    return [n for names_of_one in lists for n in names_of_one]
+
+
+def write_lines(path, lines):
+    """A text file of one item per line, written atomically."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(f"{line}\n" for line in lines)
+    os.replace(path + ".tmp", path)
+
+
+def rewind_log(path, step):
+    """A resumed run's log.jsonl keeps its rows up to the checkpoint's step, so that no step appears
+    twice; a row cut short by the interruption goes too."""
+    if not os.path.exists(path):
+        return
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    rows.append(line.rstrip("\n"))
+            except (ValueError, KeyError, TypeError):
+                continue
+    write_lines(path, rows)
+
+
 def rng_state(device):
     """The RNG states a resumed run restores: the CPU's and, on a GPU, the GPU's (drop-path draws there)."""
     state = dict(rng=torch.get_rng_state())
@@ -146,10 +242,11 @@ def restore_rng(ckpt, device):
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
 
 
-def load_resume(path, **parts):
-    """Load checkpoint `path` into each named module or optimizer (to resume) and return it. One from a
-    run with other settings is a one-line error, not a page of size mismatches."""
+def load_resume(path, settings, **parts):
+    """Load checkpoint `path` into each named module or optimizer (to resume) and return it. One made
+    with other settings is a one-line error naming them, not a page of size mismatches."""
     ckpt = read_checkpoint(path)
+    check_settings(ckpt.get("settings"), settings, path)
     for key, part in parts.items():
         try:
             part.load_state_dict(ckpt[key])
@@ -162,12 +259,13 @@ def load_resume(path, **parts):
 # ----------------------------------------------------------------------------- data
 
 class Views(torch.utils.data.Dataset):
-    """Index epoch * n + i -> the multi-crop views of image i. Each sample seeds its own RNG from
-    (seed, epoch, i), so its crops do not depend on workers, ranks or resuming; with --workers 0 the
-    seeding happens in a fork of the training process's RNG, so drop-path draws the same as with workers."""
+    """Index epoch * n + i -> transform(item i). Each sample seeds its own RNG from (seed, index), so its
+    random crops do not depend on workers, ranks or resuming; with --workers 0 the seeding happens in a
+    fork of the training process's RNG, so drop-path draws the same as with workers. An unreadable item
+    gives its name (data.item_name), to be skipped and listed."""
 
-    def __init__(self, images, multicrop, seed):
-        self.images, self.multicrop, self.seed = images, multicrop, seed
+    def __init__(self, images, transform, seed):
+        self.images, self.transform, self.seed = images, transform, seed
 
     def __len__(self):
         return len(self.images)
@@ -175,8 +273,11 @@ class Views(torch.utils.data.Dataset):
     def __getitem__(self, index):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + index)
-            img = self.images[index % len(self.images)]
-            return None if img is None else self.multicrop(img)
+            i = index % len(self.images)
+            item = self.images[i]
+            if item is None:
+                return item_name(self.images, i)
+            return item if self.transform is None else self.transform(item)
 
 
 def random_subset(images, n, seed):
@@ -188,10 +289,11 @@ def random_subset(images, n, seed):
 
 
 def collate(samples):
-    """Stack the readable samples; count the unreadable ones (skipped, never fatal; a batch with none
-    readable has no views, and the training loop stops with an error)."""
-    ok = [s for s in samples if s is not None]
-    return dict({k: torch.stack([s[k] for s in ok]) for k in ok[0]} if ok else {}, skipped=len(samples) - len(ok))
+    """Stack the readable samples; the unreadable ones, given by their names, ride along in 'skipped'
+    (never fatal; a batch with none readable has no views, and the training loop stops with an error)."""
+    ok = [s for s in samples if isinstance(s, dict)]
+    views = {k: torch.stack([s[k] for s in ok]) for k in ok[0]} if ok else {}
+    return dict(views, skipped=[s for s in samples if isinstance(s, str)])
 
 
 def epoch_loader(views, args, epoch, start_batch=0, *, world=1, rank=0, pin=False):
@@ -202,7 +304,7 @@ def epoch_loader(views, args, epoch, start_batch=0, *, world=1, rank=0, pin=Fals
     indices = [epoch * len(views) + i for i in sampler][start_batch * args.batch_size:]
     # its own generator: creating a loader must not advance the global RNG (exact resume)
     return DataLoader(views, batch_size=args.batch_size, sampler=indices, num_workers=args.workers,
-                      collate_fn=collate, pin_memory=pin, drop_last=True,
+                      collate_fn=collate, pin_memory=pin, drop_last=True, worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
@@ -314,7 +416,8 @@ def knn_sets(args):
 def features(backbone, items, size, device):
     """L2-normalised cls features (after the final norm) and stacked labels of (path, label) items."""
     from finetune import LabelledImages, collate, image_transform
-    loader = DataLoader(LabelledImages(items, image_transform(size, False)), batch_size=128, collate_fn=collate)
+    images = Views(LabelledImages(items, image_transform(size, False)), None, 0)
+    loader = DataLoader(images, batch_size=128, collate_fn=collate)
     feats, labels = [], []
     for images, y, _ in loader:
         if images is not None:
@@ -354,11 +457,18 @@ def knn_probe(backbone, sets, size, device):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
+    """Pretrain with Ctrl-C and SIGTERM handled from the start (see StopRequest)."""
+    with StopRequest() as stop:
+        train(args, stop)
+
+
+def train(args, stop):
     rank, world, device = setup_distributed()
     args.bf16 = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     images = pretrain_dataset(args.data, args.data_root)
+    settings = run_settings(args, world, len(images))
     if args.n_images is not None:
         images = random_subset(images, args.n_images, args.seed)
     arcface = None
@@ -390,54 +500,67 @@ def main(args):
                                       int(args.warmup_epochs * steps_per_epoch), args.warmup_lr * scale)
 
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    step, skipped = 0, 0
+    log_path = os.path.join(args.out, "log.jsonl")
+    skipped_path = os.path.join(args.out, "skipped.txt")
+    step, skipped = 0, set()  # skipped: the unreadable images or records, each once
     if os.path.exists(ckpt_path):
-        ckpt = load_resume(ckpt_path, student=model, teacher=teacher, optimizer=optimizer)
-        step, skipped = ckpt["step"], ckpt.get("skipped", 0)
+        ckpt = load_resume(ckpt_path, settings, student=model, teacher=teacher, optimizer=optimizer)
+        step, skipped = ckpt["step"], set(ckpt["skipped"])
         restore_rng(ckpt, device)
         if rank == 0:
-            print(f"resuming {ckpt_path} at step {step} of {total_steps}")
+            print(f"resuming {ckpt_path} at step {step} of {total_steps}" if step < total_steps else
+                  f"{args.out} holds this run, complete ({step} steps): nothing to train; delete it or "
+                  "choose another --out to train again")
+
+    if rank == 0:
+        rewind_log(log_path, step)
 
     def save():
         if rank == 0:
             save_atomic(dict(student=model.state_dict(), teacher=teacher.state_dict(),
-                             optimizer=optimizer.state_dict(), step=step, skipped=skipped,
-                             args=vars(args), **rng_state(device)), ckpt_path)
+                             optimizer=optimizer.state_dict(), step=step, skipped=sorted(skipped),
+                             args=vars(args), settings=settings, **rng_state(device)), ckpt_path)
             save_atomic(teacher.backbone.state_dict(), os.path.join(args.out, "teacher_backbone.pth"))
+            if skipped:
+                write_lines(skipped_path, sorted(skipped))
 
     probe_sets = knn_sets(args) if args.knn_every and rank == 0 else None
-    if rank == 0:
+    if rank == 0 and step < total_steps:
         print(f"{len(images)} images, global batch {global_batch} ({world} x {args.batch_size}), "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {args.lr * scale:.2e}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
-    tick, tick_step = time.time(), step
+    log = open(log_path, "a") if rank == 0 else None
+    tick, tick_step, saved_at = time.time(), step, time.time()
     while step < total_steps:
         epoch = step // steps_per_epoch
         loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world=world, rank=rank,
                               pin=device.type == "cuda")
         for batch in loader:
             if "global_views" not in batch:
-                raise ValueError(f"{args.data}: all {batch['skipped']} images of a batch were unreadable")
+                raise ValueError(f"{args.data}: all {len(batch['skipped'])} images of a batch were "
+                                 f"unreadable, e.g. {batch['skipped'][0]}")
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             local_views, rstats = select_local_views(batch, arcface, args, generator, device)
             lr, momentum = lr_at(step), momentum_schedule(step, total_steps, args.momentum_teacher)
             global_views, local_views = (normalize(v.to(device, non_blocking=True))
                                          for v in (batch["global_views"], local_views))
-            stats = training_step(ddp, teacher, optimizer, global_views, local_views, lr=lr, momentum=momentum,
-                                  clip_grad=args.clip_grad, bf16=args.bf16)
+            stats = training_step(ddp, teacher, optimizer, global_views, local_views, lr=lr,
+                                  momentum=momentum, clip_grad=args.clip_grad, bf16=args.bf16)
             step += 1
             keys = ["loss", "cross_entropy", "mean_entropy", "teacher_entropy", "student_entropy"]
-            *means, skipped_here = all_mean([stats[k] for k in keys] + [batch["skipped"]])
+            *means, n_skipped, stopping = all_mean([stats[k] for k in keys]
+                                                    + [len(batch["skipped"]), stop.signum > 0])
             stats.update(zip(keys, means))
-            skipped += round(skipped_here * world)  # unreadable images of this step, over all processes
+            if n_skipped:  # the same on every process: all join the gather
+                skipped.update(gather_names(batch["skipped"], world))
             if not torch.isfinite(torch.tensor(stats["loss"])):
-                raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is {ckpt_path}")
+                raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is "
+                                         f"{ckpt_path}")
             if rank == 0 and (step % args.log_every == 0 or step == total_steps):
                 rate = (step - tick_step) * global_batch / (time.time() - tick)
                 reject = rstats["rejected"] / rstats["candidates"] if rstats else 0.0
-                row = dict(step=step, epoch=step / steps_per_epoch, lr=lr, momentum=momentum, images_per_s=rate,
-                           reject_rate=reject, skipped=skipped, **stats)
+                row = dict(step=step, epoch=step / steps_per_epoch, lr=lr, momentum=momentum,
+                           images_per_s=rate, reject_rate=reject, skipped=len(skipped), **stats)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", ce=f"{stats['cross_entropy']:.3f}",
@@ -445,21 +568,28 @@ def main(args):
                                 reject=f"{reject:.0%}")
                 tick, tick_step = time.time(), step
             bar.update(1)
-            if step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0):
+            on_time = args.save_every_min and time.time() - saved_at >= 60 * args.save_every_min
+            if step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0) or on_time \
+                    or stopping:
                 save()
+                saved_at = time.time()
+            if stopping:
+                bar.close()
+                stop_exit(stop.signum or signal.SIGTERM, step, ckpt_path)
             if probe_sets and step % (args.knn_every * steps_per_epoch) == 0:
                 probe_start = time.time()
                 knn = knn_probe(teacher.backbone, probe_sets, args.global_size, device)
                 log.write(json.dumps(dict(step=step, epoch=step / steps_per_epoch, **knn)) + "\n")
                 log.flush()
-                bar.write(f"epoch {step // steps_per_epoch} k-NN: " + ", ".join(f"{k} {v:.1f}%" for k, v in knn.items()))
+                bar.write(f"epoch {step // steps_per_epoch} k-NN: "
+                          + ", ".join(f"{k} {v:.1f}%" for k, v in knn.items()))
                 tick += time.time() - probe_start  # the probe's time is not training throughput
             if step >= total_steps:
                 break
     bar.close()
     if rank == 0:
         print(f"done: {total_steps} steps; teacher backbone in {os.path.join(args.out, 'teacher_backbone.pth')}"
-              + (f"; {skipped} unreadable images skipped" if skipped else ""))
+              + (f"; {len(skipped)} unreadable images skipped, listed in {skipped_path}" if skipped else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -682,7 +683,7 @@ def test_corrupt_images_are_skipped(tmp_path):
     from crops import MultiCrop
     views = pretrain.Views(ds, MultiCrop(32, 16, n_local=2), seed=0)
     batch = pretrain.collate([views[0], views[1]])
-    assert batch["skipped"] == 1 and batch["global_views"].shape[0] == 1
+    assert batch["skipped"] == [str(folder / "b.jpg")] and batch["global_views"].shape[0] == 1
 
 
 def test_missing_dataset_is_one_line_error(tmp_path):
@@ -754,14 +755,17 @@ def test_pretrain_resume_gives_the_same_weights(tmp_path, image_folder, monkeypa
     log = [json.loads(l) for l in open(tmp_path / "full" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(r["loss"]) and r["mean_entropy"] <= math.log(32) + 1e-6 for r in log)
-    # the corrupt image, counted each time one of the 3 batches of 4 of an epoch drew it, across the resume
-    expected = 0
+    # the corrupt image, drawn in at least one of the two epochs, counted once across the resume and listed
+    drawn = []
     for epoch in (0, 1):
         sampler = torch.utils.data.DistributedSampler(range(13), num_replicas=1, rank=0, seed=0, drop_last=True)
         sampler.set_epoch(epoch)
-        expected += list(sampler)[:12].count(12)
+        drawn.append(12 in list(sampler)[:12])
     resumed = [json.loads(l) for l in open(tmp_path / "cut" / "log.jsonl")]
-    assert expected > 0 and log[-1]["skipped"] == resumed[-1]["skipped"] == expected
+    assert any(drawn) and log[-1]["skipped"] == resumed[-1]["skipped"] == 1
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # the rewound steps are not logged twice
+    for run in ("full", "cut"):
+        assert (tmp_path / run / "skipped.txt").read_text() == str(tmp_path / "faces" / "zz.jpg") + "\n"
 
 
 def test_pretrain_on_a_random_subset(tmp_path, image_folder):
@@ -962,28 +966,27 @@ def test_attr_toy_run_and_head_only(tmp_path, toy_root):
 
 
 def test_finetune_resume_gives_the_same_run(tmp_path, toy_root, monkeypatch):
-    """A run killed after a checkpoint resumes from it and ends as the uninterrupted run does (one loader
-    process: the crops come from the restored RNG); checkpoints wait CHECKPOINT_SECONDS, except the last."""
+    """A run killed after a mid-epoch checkpoint resumes from it and ends as the uninterrupted run does,
+    with a loader process: each sample's flip is seeded by its index, drop-path by the restored RNG."""
     import finetune
     from finetune_attr import Attributes
     argv = lambda out: ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny", "--img-size", "32",
-                        "--epochs", "3", "--batch-size", "16", "--workers", "0", "--frac", "0.5", "--out", out]
+                        "--epochs", "3", "--batch-size", "16", "--workers", "1", "--frac", "0.5", "--out", out,
+                        "--save-every-min", "1e-9"]
     full = finetune.main(Attributes(), argv(str(tmp_path / "full")))
     real_save, saved = finetune.save_atomic, []
 
-    def save_then_crash_after_epoch_2(obj, path):
+    def save_then_crash_mid_epoch_2(obj, path):
         real_save(obj, path)
-        saved.append(obj["epoch"])
-        if obj["epoch"] == 2:
+        saved.append((obj["epoch"], obj["batch"]))
+        if saved[-1] == (1, 2):
             raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(finetune, "save_atomic", save_then_crash_after_epoch_2)
-    monkeypatch.setattr(finetune, "CHECKPOINT_SECONDS", 0)
+    monkeypatch.setattr(finetune, "save_atomic", save_then_crash_mid_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(Attributes(), argv(str(tmp_path / "cut")))
-    assert saved == [1, 2]
-    monkeypatch.setattr(finetune, "CHECKPOINT_SECONDS", 1e9)
+    assert saved == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]  # 3 batches of 16 an epoch
     cut = finetune.main(Attributes(), argv(str(tmp_path / "cut")))
-    assert saved == [1, 2, 3]  # after the resume, only the last epoch
+    assert saved[5:] == [(2, 0), (2, 1), (2, 2), (3, 0)]
     assert cut["runs"][0]["final"] == full["runs"][0]["final"]
     a, b = (torch.load(str(tmp_path / d / "run0" / "checkpoint.pth"), weights_only=True) for d in ("full", "cut"))
     assert a["epoch"] == b["epoch"] == 3
@@ -1195,7 +1198,7 @@ def test_two_process_finetuning_runs_and_every_process_returns_the_result(script
     for run in range(2):
         with open(os.path.join(out, f"run{run}", "result.json")) as f:
             assert json.load(f) == ranks[0]["runs"][run]
-    assert [r["seed"] for r in ranks[0]["runs"]] == [0, 1] and ranks[0]["runs"][0]["skipped_train_images"] == 0
+    assert [r["seed"] for r in ranks[0]["runs"]] == [0, 1] and ranks[0]["runs"][0]["skipped"] == []
 
 
 def test_missing_pts_image_is_skipped_and_bad_pts_is_an_error(tmp_path):
@@ -1362,3 +1365,227 @@ def test_finetune_unreadable_split_is_one_line_error(tmp_path, split):
                                 "--img-size", "32", "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "r"))
     expected = {"train": "of a training batch were unreadable", "test": "test images was readable"}[split]
     assert code != 0 and "Traceback" not in err and d in last_line(err) and expected in last_line(err), err
+
+
+# ============================================================================= runs that know what they are
+
+def test_bad_numbers_are_one_line_errors_naming_the_option(capsys, monkeypatch):
+    import finetune
+    import pretrain
+    from finetune_attr import Attributes
+    cases = [(pretrain.get_args, ["--batch-size", "0"], "--batch-size", ">= 1"),
+             (pretrain.get_args, ["--n-local", "0"], "--n-local", ">= 1"),
+             (pretrain.get_args, ["--epochs", "0"], "--epochs", ">= 1"),
+             (pretrain.get_args, ["--global-size", "60"], "--global-size", "multiple of 16"),
+             (pretrain.get_args, ["--arcface", "a.onnx", "--n-candidates", "4"], "--n-candidates", "--n-local"),
+             (lambda argv: finetune.main(Attributes(), argv), ["--batch-size", "0"], "--batch-size", ">= 1"),
+             (lambda argv: finetune.main(Attributes(), argv), ["--frac", "1.5"], "--frac", "(0, 1]"),
+             (lambda argv: finetune.main(Attributes(), argv), ["--init", "nope.pth"], "--init", "no such file")]
+    for parse, argv, option, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and option in err and expected in err, (argv, err)
+    monkeypatch.setenv("RANK", "1")  # under torchrun, the other processes exit quietly
+    with pytest.raises(SystemExit):
+        pretrain.get_args(["--batch-size", "0"])
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_with_another_batch_size_or_dataset_names_them(tmp_path, image_folder):
+    import shutil
+    import pretrain
+    out = str(tmp_path / "run")
+    pretrain.main(_tiny_pretrain_args(image_folder, out, "--epochs", "1"))
+    with pytest.raises(ValueError, match=r"batch_size 2 \(there: 4\).*another --out, or delete"):
+        pretrain.main(_tiny_pretrain_args(image_folder, out, "--epochs", "1", "--batch-size", "2"))
+    shutil.copytree(image_folder, tmp_path / "other")
+    (tmp_path / "other" / "extra.png").write_bytes(open(os.path.join(image_folder, "00.png"), "rb").read())
+    with pytest.raises(ValueError, match="data .*dataset_images 13 \\(there: 12\\)"):
+        pretrain.main(_tiny_pretrain_args(str(tmp_path / "other"), out, "--epochs", "1"))
+
+
+def test_a_finished_pretraining_is_said_and_not_retrained(tmp_path, image_folder, capsys):
+    import pretrain
+    out = str(tmp_path / "run")
+    pretrain.main(_tiny_pretrain_args(image_folder, out, "--epochs", "1"))
+    before = open(os.path.join(out, "log.jsonl")).read()
+    capsys.readouterr()
+    pretrain.main(_tiny_pretrain_args(image_folder, out, "--epochs", "1"))
+    assert "complete (3 steps): nothing to train" in capsys.readouterr().out
+    assert open(os.path.join(out, "log.jsonl")).read() == before
+
+
+def test_finetuning_results_are_reused_only_under_the_same_settings(tmp_path, toy_root, capsys):
+    import finetune
+    from finetune_attr import Attributes
+    init = str(tmp_path / "init.pth")
+    torch.save(vit.vit_tiny().state_dict(), init)
+    out = str(tmp_path / "attr")
+    argv = ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny", "--img-size", "32",
+            "--epochs", "1", "--batch-size", "16", "--workers", "0", "--frac", "0.5", "--out", out]
+    first = finetune.main(Attributes(), argv + ["--init", init])
+    capsys.readouterr()
+    again = finetune.main(Attributes(), argv + ["--init", init])
+    assert "reused, not retrained" in capsys.readouterr().out and again["runs"] == first["runs"]
+    for other, named in ((["--init", "random"], "init_sha256"), (["--init", init, "--frac", "0.25"], "frac 0.25")):
+        with pytest.raises(ValueError, match=f"result.json was made with other settings: .*{named}"):
+            finetune.main(Attributes(), argv + other)
+    torch.save(vit.vit_tiny().state_dict(), init)  # another checkpoint at the same path
+    with pytest.raises(ValueError, match="init_sha256"):
+        finetune.main(Attributes(), argv + ["--init", init])
+
+
+def test_default_finetuning_folder_names_init_and_subset():
+    import argparse
+    import finetune
+    from finetune_attr import Attributes
+    name = lambda init, frac: finetune.default_out(Attributes(), argparse.Namespace(dataset="celeba", init=init,
+                                                                                    frac=frac))
+    assert name("random", 0.002) == os.path.join("runs", "celeba", "attr-random-0.002")
+    assert name("runs/pretrain/teacher_backbone.pth", 1.0) == \
+        os.path.join("runs", "celeba", "attr-pretrain_teacher_backbone-1")
+    assert len({name("random", 0.1), name("random", 0.05), name("x/dino-s16.pth", 0.1)}) == 3
+    assert all(n.split(os.sep)[-1].count("-") == 2 for n in (name("x/dino-s16.pth", 0.1),))  # figures table
+
+
+def test_learning_rate_follows_the_real_global_batch():
+    import argparse
+    from finetune import batch_sizes
+    args = argparse.Namespace(batch_size=256)
+    assert batch_sizes(args, 122, 1) == (122, 1)  # RAF-DB 1%: one batch of 122, lr * 122 / 256
+    assert batch_sizes(args, 1000, 2) == (128, 3)
+    with pytest.raises(ValueError, match="no image per process"):
+        batch_sizes(argparse.Namespace(batch_size=2), 100, 4)
+
+
+def _rec_of_pngs(folder, n):
+    """A RecordIO pack without header of n tiny PNGs, keys 1..n (written in descending key order)."""
+    payload = lambda k: struct.pack("<IfQQ", 0, float(k), 0, 0) + _png((k % 256, 0, 0))
+    _write_rec(str(folder), {k: payload(k) for k in range(1, n + 1)})
+
+
+def test_truncated_recordio_is_a_clear_error_on_open(tmp_path):
+    from data import RecordIO
+    _rec_of_pngs(tmp_path / "cut", 130)
+    rec = tmp_path / "cut" / "train.rec"
+    full = rec.read_bytes()
+    rec.write_bytes(full[:int(len(full) * 0.6)])  # an interrupted copy
+    with pytest.raises(ValueError, match="start past the end of the file.*incomplete copy"):
+        RecordIO(str(tmp_path / "cut"))
+    rec.write_bytes(full[:-30])  # the last record cut short
+    with pytest.raises(ValueError, match="runs past the end of the file"):
+        RecordIO(str(tmp_path / "cut"))
+    code, out, err = run_script("data.py", str(tmp_path / "cut"))
+    assert code == 1 and err.count("\n") == 1 and "train.rec" in err
+
+
+def test_corrupt_recordio_record_is_skipped_counted_and_listed(tmp_path):
+    import data
+    import pretrain
+    _rec_of_pngs(tmp_path / "ms1m", 130)
+    rec = tmp_path / "ms1m" / "train.rec"
+    offsets = {int(k): int(v) for k, v in (l.split() for l in open(tmp_path / "ms1m" / "train.idx"))}
+    raw = bytearray(rec.read_bytes())
+    raw[offsets[129]:offsets[129] + 4] = b"\0\0\0\0"  # the 2nd record in the file: outside the sample checked
+    rec.write_bytes(bytes(raw))
+    ds = data.RecordIO(str(tmp_path / "ms1m"))
+    assert ds[ds.keys.index(129)] is None and ds[ds.keys.index(128)] is not None
+    code, out, err = run_script("data.py", str(tmp_path / "ms1m"), "--check-all")
+    assert code == 1 and "bad magic" in err and "key 129" in err
+    out_dir = tmp_path / "run"
+    pretrain.main(_tiny_pretrain_args(str(tmp_path / "ms1m"), str(out_dir), "--epochs", "1", "--workers", "1",
+                                      "--log-every", "32"))
+    assert json.loads(open(out_dir / "log.jsonl").readlines()[-1])["skipped"] == 1
+    assert (out_dir / "skipped.txt").read_text() == f"{rec}:129\n"
+
+
+def _wait_for(predicate, proc, what, timeout=120):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()}"
+        assert time.time() - start < timeout, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _interrupt(script, argv, ready):
+    """Start a script, send SIGTERM once ready() holds; returns (exit code, stderr)."""
+    import signal
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(ready, proc, "the first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_sigterm_during_pretraining_saves_and_resumes_to_the_same_weights(tmp_path, image_folder):
+    import pretrain
+    argv = lambda out: _tiny_pretrain_argv(image_folder, out, "--epochs", "8", "--workers", "1")
+    pretrain.main(pretrain.get_args(argv(str(tmp_path / "full"))))
+    cut = tmp_path / "cut"
+    code, err = _interrupt("pretrain.py", argv(str(cut)), lambda: len(_log_steps(cut)) >= 2)
+    step = torch.load(str(cut / "checkpoint.pth"), weights_only=True)["step"]
+    assert code == 128 + 15 and f"SIGTERM at step {step}: checkpoint" in err and "resume" in err, err
+    assert 2 <= step < 24 and _log_steps(cut) == list(range(1, step + 1))
+    pretrain.main(pretrain.get_args(argv(str(cut))))
+    assert _log_steps(cut) == list(range(1, 25))
+    a, b = (torch.load(str(tmp_path / d / "teacher_backbone.pth"), weights_only=True) for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _log_steps(out):
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(l)["step"] for l in open(path) if l.endswith("\n")]
+
+
+@pytest.mark.slow
+def test_sigterm_during_finetuning_saves_and_resumes_to_the_same_weights(tmp_path, toy_root):
+    import finetune
+    from finetune_attr import Attributes
+    argv = lambda out: ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny", "--img-size", "32",
+                        "--epochs", "40", "--batch-size", "16", "--workers", "1", "--frac", "0.5", "--out", out,
+                        "--save-every-min", "0.05"]
+    full = finetune.main(Attributes(), argv(str(tmp_path / "full")))
+    cut = tmp_path / "cut"
+    code, err = _interrupt("finetune_attr.py", argv(str(cut)), lambda: (cut / "run0" / "checkpoint.pth").exists())
+    ckpt = torch.load(str(cut / "run0" / "checkpoint.pth"), weights_only=True)
+    assert code == 128 + 15 and "SIGTERM at step" in err and ckpt["epoch"] < 40, err
+    resumed = finetune.main(Attributes(), argv(str(cut)))
+    assert resumed["runs"][0]["final"] == full["runs"][0]["final"]
+    a, b = (torch.load(str(tmp_path / d / "run0" / "checkpoint.pth"), weights_only=True) for d in ("full", "cut"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_kill_9_at_five_moments_then_resume_gives_the_uninterrupted_teacher(tmp_path, toy_root):
+    argv = ["--data", os.path.join(toy_root, "toy", "ms1m"), "--arch", "vit_tiny", "--n-images", "48",
+            "--batch-size", "4", "--epochs", "1", "--global-size", "32", "--local-size", "16", "--n-local", "2",
+            "--n-prototypes", "32", "--out-dim", "16", "--workers", "0"]
+    code, out, err = run_script(os.path.join("scripts", "kill_resume.py"), "--kills", "5", "--dir",
+                                str(tmp_path), "--", *argv)
+    assert code == 0, out + err
+    assert out.count("last checkpoint at step") == 5 and "identical to the uninterrupted run's, bit for bit" in out
+    assert "strictly increasing" in out
+
+
+def test_dino_and_mae_full_checkpoints_load_as_init(tmp_path):
+    import argparse
+    ref = vit.vit_tiny()
+    state = ref.state_dict()
+    args = argparse.Namespace(arch="vit_small", lr=np.float64(5e-4), mean=np.array([0.5, 0.5]), n=np.int64(3))
+    dino = dict(student={f"module.backbone.{k}": v for k, v in state.items()},
+                teacher={f"backbone.{k}": v for k, v in state.items()}, epoch=100, args=args)
+    mae = dict(model=dict(state, **{"head.weight": torch.zeros(7, 192)}), epoch=99, args=args)
+    for name, ckpt in (("dino", dino), ("mae", mae)):
+        torch.save(ckpt, tmp_path / f"{name}.pth")
+        m = vit.vit_tiny()
+        vit.load_pretrained(m, str(tmp_path / f"{name}.pth"))
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in state.items()), name
+    import fractions
+    torch.save(dict(model=state, extra=fractions.Fraction(1, 3)), tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="holds a fractions.Fraction"):
+        vit.load_pretrained(vit.vit_tiny(), str(tmp_path / "odd.pth"))

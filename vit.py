@@ -11,6 +11,7 @@ DINO, DeiT, MAE and MSN load directly (Table 1 baselines) through `load_pretrain
 import argparse
 import math
 import os
+import re
 import time
 
 import torch
@@ -202,13 +203,29 @@ PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
 DROP_PREFIXES = ("head.", "fc_norm.", "fc.", "decoder", "mask_token", "criterion.", "prototypes")
 
 
+def safe_globals():
+    """The non-tensor types that published checkpoints hold besides tensors and plain Python values:
+    `args` as an argparse.Namespace (DINO, MAE and the scripts built on them), numpy scalars and arrays."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
+    dtypes = {type(np.dtype(t)) for t in (np.bool_, np.int32, np.int64, np.float16, np.float32, np.float64)}
+    return [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar,
+            *dtypes]
+
+
 def read_checkpoint(path):
-    """torch.load to the CPU, tensors only; a missing or unreadable file is a one-line error naming it."""
+    """torch.load to the CPU with weights_only (no arbitrary code runs), allowing safe_globals(); a
+    missing or unreadable file is a one-line error naming it, and one needing another type names it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle errors of many kinds: report them all the same way
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if unsafe:
+            raise ValueError(f"checkpoint {path}: holds a {unsafe.group(1)}, which is not loaded "
+                             "(only tensors, plain values, argparse.Namespace and numpy are)") from None
         raise ValueError(f"checkpoint {path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
 
 
