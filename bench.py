@@ -1,6 +1,7 @@
 """Speed and memory of ProS's hot paths, as numbers to compare across machines and changes.
 
-    python bench.py                    # everything, ViT-S/16 at the paper's sizes, 4 images a step
+    python bench.py                    # everything, ViT-S/16 at the paper's sizes, 4 images a step on a CPU
+    python bench.py --device cuda      # on a GPU: 64 images a step (§3.3's per-GPU batch), bf16
     python bench.py --only step        # one section: step, retrieval, pipeline
 
 step:      one ProS training step (teacher forward on 2 global 224 crops per image, student forward +
@@ -11,6 +12,8 @@ retrieval: crops/s of ArcFace.embed batched vs one crop per call, for the toy re
            CPU milliseconds of crop sampling + augmentation + retrieval at the paper's sizes.
 pipeline:  the full training step with data loading and retrieval vs the model-only step (images/s),
            and the retrieval's share of the step.
+With step and retrieval both run, the last line gives the CPU cores one training device needs for its
+loader: its images/s times the CPU seconds a worker spends per image.
 Medians over the timed steps; the first steps are warm-up.
 """
 import argparse
@@ -111,6 +114,7 @@ def bench_step(args, device):
               f"({'CUDA allocator' if device.type == 'cuda' else 'peak RSS of its own process over its start'})")
     if "timm" in rate:
         print(f"step: ours / timm = {rate['ours'] / rate['timm']:.3f}")
+    return rate["ours"]
 
 
 def onnx_file(model, folder, name):
@@ -164,6 +168,7 @@ def bench_retrieval(args, device):
         torch.set_num_threads(threads)
         print("per image on one thread, ms (2 x 224 globals, 12 x 96 candidates, 112 recogniser): " +
               ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in parts.items()))
+    return statistics.median(parts["sample"]) + statistics.median(parts["augment"])  # a worker's ms per image
 
 
 def bench_pipeline(args, device):
@@ -205,7 +210,10 @@ def bench_pipeline(args, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--only", choices=["step", "retrieval", "pipeline"], default=None, help="one section (default: all)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per training step")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if there is "
+                   "one")
+    p.add_argument("--batch-size", type=int, default=None, help="images per training step (default: 64 on "
+                   "CUDA, §3.3's per-GPU batch; 4 on a CPU)")
     p.add_argument("--steps", type=int, default=7, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes in the pipeline section")
@@ -214,12 +222,21 @@ def main():
     p.add_argument("--arcface", default=None, help="an ONNX recogniser for the retrieval section "
                    "(default: an untrained toy CNN)")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: torch sees no CUDA device")
+    device = torch.device("cuda" if cuda else "cpu")
+    args.batch_size = args.batch_size or (64 if cuda else 4)
     args.bf16 = pretrain.use_bf16(args.bf16, device)
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, bf16 {args.bf16}")
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, bf16 {args.bf16}, "
+          f"batch {args.batch_size}")
+    out = {}
     for name, fn in (("step", bench_step), ("retrieval", bench_retrieval), ("pipeline", bench_pipeline)):
         if args.only in (None, name):
-            fn(args, device)
+            out[name] = fn(args, device)
+    if out.get("step") and out.get("retrieval"):
+        print(f"loader: {out['retrieval']:.1f} CPU ms per image x {out['step']:.1f} images/s = "
+              f"{out['step'] * out['retrieval'] / 1000:.1f} CPU cores per {device.type} device for its workers")
 
 
 if __name__ == "__main__":

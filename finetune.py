@@ -34,8 +34,9 @@ import data
 from data import ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals, load_image, \
     patch_multiple
 from loss import cosine_schedule
-from pretrain import (StopRequest, Views, all_mean, check_settings, gather_names, load_resume, restore_rng,
-                      rng_state, save_atomic, setup_distributed, stop_exit, use_bf16, write_lines)
+from pretrain import (StopRequest, Views, all_mean, check_settings, from_rank_zero, gather_names, load_resume,
+                      read_if_there, restore_rng, rng_state, save_atomic, setup_distributed, stop_exit,
+                      use_bf16, write_lines)
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 
@@ -72,6 +73,8 @@ def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_si
     p.add_argument("--eval-every", type=at_least(0), default=0, help="also evaluate every this many epochs "
                    "(0: at the end)")
     p.add_argument("--workers", type=at_least(0), default=4, help="DataLoader processes")
+    p.add_argument("--log-every", type=count, default=10, help="steps between progress updates, checks "
+                   "and time-based checkpoints (each a host sync), and at every epoch's end")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast "
                    "(default: on CUDA only); faster on a CPU with native bf16 (AVX512-BF16, AMX), far slower on one "
                    "without (README)")
@@ -262,9 +265,8 @@ def train_one(task, args, train_set, tests, run, ctx):
     settings = dict(args.settings, seed=seed)
     run_dir = os.path.join(args.out, f"run{run}")
     result_path = os.path.join(run_dir, "result.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            result = json.load(f)
+    result = from_rank_zero(lambda: read_json(result_path), rank, world)
+    if result is not None:
         check_settings(result.get("settings"), settings, result_path)
         if rank == 0:
             print(f"run {run}: {result_path} holds this run's result (same settings): reused, not retrained")
@@ -281,8 +283,9 @@ def train_one(task, args, train_set, tests, run, ctx):
     model.to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    optimizer = torch.optim.AdamW(param_groups_layer_decay(model, args.weight_decay, args.layer_decay,
-                                                           getattr(args, "backbone_lr_scale", 1.0)))
+    groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay,
+                                      getattr(args, "backbone_lr_scale", 1.0))
+    optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
     per_process, steps_per_epoch = batch_sizes(args, len(subset), world)
     total = args.epochs * steps_per_epoch
     peak = args.lr * per_process * world / 256  # linear scaling rule, by the real global batch
@@ -291,8 +294,9 @@ def train_one(task, args, train_set, tests, run, ctx):
 
     ckpt_path = os.path.join(run_dir, "checkpoint.pth")
     start_epoch, start_batch, history, skipped = 0, 0, [], set()
-    if os.path.exists(ckpt_path):
-        ckpt = load_resume(ckpt_path, settings, model=model, optimizer=optimizer)
+    ckpt = from_rank_zero(lambda: read_if_there(ckpt_path), rank, world)
+    if ckpt is not None:
+        load_resume(ckpt, ckpt_path, settings, model=model, optimizer=optimizer)
         start_epoch, start_batch, history = ckpt["epoch"], ckpt["batch"], ckpt["history"]
         skipped = set(ckpt["skipped"])
         restore_rng(ckpt, device)
@@ -313,7 +317,7 @@ def train_one(task, args, train_set, tests, run, ctx):
                         num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
                         persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(seed))
-    saved_at = time.time()
+    saved_at, pending = time.time(), []  # pending: this process's unreadable images since the last sync
     for epoch in range(start_epoch, args.epochs):
         model.train()
         if args.head_only:
@@ -334,14 +338,20 @@ def train_one(task, args, train_set, tests, run, ctx):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value, n_skipped, stopping = all_mean([loss.item(), len(names), stop.signum > 0])
-            if n_skipped:  # the same on every process: all join the gather
-                skipped.update(gather_names(names, world))
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}; last checkpoint {ckpt_path}")
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step):.1e}")
             bar.update(1)
+            pending += names
             mid_epoch = i + 1 < steps_per_epoch  # at an epoch's end, the epoch's evaluation comes first
+            if mid_epoch and (step + 1) % args.log_every:
+                continue  # no host sync between logging steps
+            # the same step on every process: one all-reduce for the progress bar and the checks
+            loss_value, n_skipped, stopping = all_mean([loss.detach(), len(pending), stop.signum > 0])
+            if n_skipped:  # the same on every process: all join the gather
+                skipped.update(gather_names(pending, world))
+            pending = []
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}; last checkpoint "
+                                         f"{ckpt_path}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step):.1e}")
             if mid_epoch and (stopping or due(saved_at, args)):
                 save(epoch, i + 1)
                 saved_at = time.time()
@@ -399,7 +409,7 @@ def file_digest(path):
 
 
 # Flags that do not change a run's result: where it writes, how it loads, how many runs there are.
-NOT_SETTINGS = ("out", "data_root", "workers", "runs", "save_every_min", "init")
+NOT_SETTINGS = ("out", "data_root", "workers", "runs", "save_every_min", "log_every", "init")
 
 
 def run_settings(args, world, n_train_total):
@@ -436,6 +446,7 @@ def run_all(task, args, stop):
     args.out = args.out or default_out(task, args)
     rank, world, device = setup_distributed()
     args.bf16 = use_bf16(args.bf16, device)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: the landmark head's convolutions gain
     train_set, tests = task.datasets(args)
     args.settings = run_settings(args, world, len(train_set))
     n_keep = int(math.floor(args.frac * len(train_set) + 1e-9))
@@ -461,6 +472,17 @@ def run_all(task, args, stop):
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
+
+
+def read_json(path):
+    """A result file, or None where there is none."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno}); delete it to rerun") from None
 
 
 def save_atomic_json(obj, path):

@@ -125,10 +125,11 @@ class PrototypeLoss(nn.Module):
         mean_s_l = global_mean(s_l.flatten(0, 1))                                    # Eq. 4: (K,) over B*N
         mean_entropy = entropy(mean_s_l)
         loss = cross_entropy - mean_entropy                                          # Eq. 2
-        with torch.no_grad():
-            stats = dict(loss=loss.item(), cross_entropy=cross_entropy.item(), mean_entropy=mean_entropy.item(),
-                         teacher_entropy=entropy(s_g).mean().item(), student_entropy=entropy(s_l).mean().item(),
-                         prototypes_used=s_g.argmax(-1).unique().numel())
+        with torch.no_grad():  # 0-d tensors on the device: read on logging steps only (no host sync here)
+            used = torch.zeros_like(mean_s_l).index_fill_(0, s_g.argmax(-1).flatten(), 1.0).sum()
+            stats = dict(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
+                         mean_entropy=mean_entropy.detach(), teacher_entropy=entropy(s_g).mean(),
+                         student_entropy=entropy(s_l).mean(), prototypes_used=used)
         return loss, stats
 
 
@@ -136,8 +137,10 @@ class PrototypeLoss(nn.Module):
 def ema_update(teacher, student, momentum):
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same names)."""
     student_params = dict(student.named_parameters())
-    for name, p_t in teacher.named_parameters():
-        p_t.mul_(momentum).add_(student_params[name].detach(), alpha=1 - momentum)
+    names, t = zip(*teacher.named_parameters())
+    # one fused kernel per op on a GPU instead of two launches per parameter (about 300 a step)
+    torch._foreach_mul_(list(t), momentum)
+    torch._foreach_add_(list(t), [student_params[n].detach() for n in names], alpha=1 - momentum)
 
 
 # ----------------------------------------------------------------------------- schedules

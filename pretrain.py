@@ -17,6 +17,7 @@ skipped.txt (the unreadable images or records, each once).
 """
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -31,8 +32,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from crops import MultiCrop, normalize
-from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals, item_name,
-                  patch_multiple, pretrain_dataset, run_cli)
+from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals, is_rank_zero,
+                  item_name, patch_multiple, pretrain_dataset, run_cli)
 from loss import PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule
 from retrieval import ArcFace, select_batch
 from vit import ARCHS, no_weight_decay, read_checkpoint
@@ -154,8 +155,10 @@ def use_bf16(flag, device):
 
 
 def all_mean(values):
-    """Average a list of floats over processes (for logging and the non-finite check)."""
-    t = torch.tensor(values, dtype=torch.float64)
+    """Average numbers and 0-d tensors over processes in one all-reduce, on the tensors' device (for
+    logging and the collective checks); returns floats. A logging step's one host sync."""
+    device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -190,7 +193,7 @@ class StopRequest:
 
 def stop_exit(signum, step, path):
     """After an interruption's checkpoint: say where it is and how to resume; exit 128 + signal number."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_rank_zero():
         print(f"\n{signal.Signals(signum).name} at step {step}: checkpoint {path}; run the same command "
               "again to resume", file=sys.stderr)
     raise SystemExit(128 + signum)
@@ -242,10 +245,31 @@ def restore_rng(ckpt, device):
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
 
 
-def load_resume(path, settings, **parts):
-    """Load checkpoint `path` into each named module or optimizer (to resume) and return it. One made
-    with other settings is a one-line error naming them, not a page of size mismatches."""
-    ckpt = read_checkpoint(path)
+def from_rank_zero(read, rank, world):
+    """read() on rank 0, and its result (or its error) on every process: on a cluster without a shared
+    filesystem only rank 0's disk holds the run's folder."""
+    box = [None]
+    if rank == 0:
+        try:
+            box = [(read(), None)]
+        except (FileNotFoundError, ValueError) as e:
+            box = [(None, e)]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def read_if_there(path):
+    """A checkpoint, or None where there is none."""
+    return read_checkpoint(path) if os.path.exists(path) else None
+
+
+def load_resume(ckpt, path, settings, **parts):
+    """Load checkpoint `ckpt` (read from `path`) into each named module or optimizer, to resume. One
+    made with other settings is a one-line error naming them, not a page of size mismatches."""
     check_settings(ckpt.get("settings"), settings, path)
     for key, part in parts.items():
         try:
@@ -370,7 +394,7 @@ def training_step(model, teacher, optimizer, global_views, local_views, *, lr, m
     """One ProS step: teacher on the global views, student on the local views, Eq. 2, AdamW, EMA.
 
     global_views (B, M, 3, G, G), local_views (B, N, 3, L, L) on the model's device; bf16: autocast the
-    networks. Returns the loss stats.
+    networks. Returns the loss stats, 0-d tensors on the device.
     """
     device = global_views.device
     for g in optimizer.param_groups:
@@ -382,7 +406,7 @@ def training_step(model, teacher, optimizer, global_views, local_views, *, lr, m
         loss, stats = model(local_views, z_teacher)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), clip_grad).item()
+    stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
     student = model.module.student if isinstance(model, DistributedDataParallel) else model.student
     ema_update(teacher, student, momentum)
@@ -463,6 +487,9 @@ def main(args):
 
 
 def train(args, stop):
+    # the probe's labelled sets before the process group: building them (the toy world's, generated on
+    # first use) can take longer than the other processes would wait in their first collective
+    probe_sets = knn_sets(args) if args.knn_every and is_rank_zero() else None
     rank, world, device = setup_distributed()
     args.bf16 = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
@@ -488,7 +515,7 @@ def train(args, stop):
     teacher.to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay))
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), fused=device.type == "cuda")
 
     global_batch = args.batch_size * world
     steps_per_epoch = len(images) // global_batch
@@ -503,8 +530,9 @@ def train(args, stop):
     log_path = os.path.join(args.out, "log.jsonl")
     skipped_path = os.path.join(args.out, "skipped.txt")
     step, skipped = 0, set()  # skipped: the unreadable images or records, each once
-    if os.path.exists(ckpt_path):
-        ckpt = load_resume(ckpt_path, settings, student=model, teacher=teacher, optimizer=optimizer)
+    ckpt = from_rank_zero(lambda: read_if_there(ckpt_path), rank, world)
+    if ckpt is not None:  # every process loads rank 0's checkpoint: teacher and student alike everywhere
+        load_resume(ckpt, ckpt_path, settings, student=model, teacher=teacher, optimizer=optimizer)
         step, skipped = ckpt["step"], set(ckpt["skipped"])
         restore_rng(ckpt, device)
         if rank == 0:
@@ -524,13 +552,13 @@ def train(args, stop):
             if skipped:
                 write_lines(skipped_path, sorted(skipped))
 
-    probe_sets = knn_sets(args) if args.knn_every and rank == 0 else None
     if rank == 0 and step < total_steps:
         print(f"{len(images)} images, global batch {global_batch} ({world} x {args.batch_size}), "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {args.lr * scale:.2e}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
     log = open(log_path, "a") if rank == 0 else None
     tick, tick_step, saved_at = time.time(), step, time.time()
+    pending_skipped = []  # this process's unreadable items since the last logging step
     while step < total_steps:
         epoch = step // steps_per_epoch
         loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world=world, rank=rank,
@@ -547,16 +575,25 @@ def train(args, stop):
             stats = training_step(ddp, teacher, optimizer, global_views, local_views, lr=lr,
                                   momentum=momentum, clip_grad=args.clip_grad, bf16=args.bf16)
             step += 1
-            keys = ["loss", "cross_entropy", "mean_entropy", "teacher_entropy", "student_entropy"]
+            bar.update(1)
+            pending_skipped += batch["skipped"]
+            epoch_end = step % steps_per_epoch == 0 or step == total_steps
+            by_steps = args.save_every and step % args.save_every == 0
+            if not (step % args.log_every == 0 or epoch_end or by_steps):
+                continue  # no host sync between logging steps
+            # a logging step, the same on every process: one all-reduce for the log and the checks
+            keys = ["loss", "cross_entropy", "mean_entropy", "teacher_entropy", "student_entropy",
+                    "prototypes_used", "grad_norm"]
             *means, n_skipped, stopping = all_mean([stats[k] for k in keys]
-                                                    + [len(batch["skipped"]), stop.signum > 0])
-            stats.update(zip(keys, means))
+                                                    + [len(pending_skipped), stop.signum > 0])
+            stats = dict(zip(keys, means))
             if n_skipped:  # the same on every process: all join the gather
-                skipped.update(gather_names(batch["skipped"], world))
-            if not torch.isfinite(torch.tensor(stats["loss"])):
+                skipped.update(gather_names(pending_skipped, world))
+            pending_skipped = []
+            if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is "
                                          f"{ckpt_path}")
-            if rank == 0 and (step % args.log_every == 0 or step == total_steps):
+            if rank == 0:
                 rate = (step - tick_step) * global_batch / (time.time() - tick)
                 reject = rstats["rejected"] / rstats["candidates"] if rstats else 0.0
                 row = dict(step=step, epoch=step / steps_per_epoch, lr=lr, momentum=momentum,
@@ -567,10 +604,8 @@ def train(args, stop):
                                 H=f"{stats['mean_entropy']:.2f}", lr=f"{lr:.1e}", img_s=f"{rate:.0f}",
                                 reject=f"{reject:.0%}")
                 tick, tick_step = time.time(), step
-            bar.update(1)
             on_time = args.save_every_min and time.time() - saved_at >= 60 * args.save_every_min
-            if step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0) or on_time \
-                    or stopping:
+            if epoch_end or by_steps or on_time or stopping:
                 save()
                 saved_at = time.time()
             if stopping:

@@ -23,11 +23,15 @@ from data import HelpFormatter, run_cli, to_rgb
 
 def onnx_providers(available):
     """onnxruntime's providers: CUDA on this process's GPU where there is one (under torchrun LOCAL_RANK's,
-    which pretrain.setup_distributed makes current; onnxruntime would take GPU 0), then the CPU."""
-    providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}))
-    return providers
+    which pretrain.setup_distributed makes current; onnxruntime would take GPU 0), then the CPU. With
+    CUDA there and no CUDA provider, an error: ArcFace(providers=["CPUExecutionProvider"]) says so."""
+    if not torch.cuda.is_available():
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:  # the recogniser would silently run on the CPU
+        raise ValueError("CUDA is available but onnxruntime has no CUDA provider (the CPU build "
+                         "'onnxruntime' is installed, or an onnxruntime-gpu for another CUDA version): "
+                         "pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+    return [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
 
 
 class ArcFace:
@@ -85,27 +89,31 @@ class ArcFace:
         return x.sub_(127.5).div_(127.5) if self.normalize else x
 
     def run(self, x):
-        """(B, 3, h, w) float32 -> (B, D) raw embeddings; one call per batch, or a loop for fixed-batch graphs."""
+        """(B, 3, h, w) float32 -> (B, D) raw embeddings: one call per batch, or, for a graph with a fixed
+        batch, one per chunk of that size (a last, short chunk padded), on the CPU or the GPU alike."""
+        size = self.fixed_batch or len(x)
+        outs = []
+        for chunk in x.split(size):
+            pad = size - len(chunk)
+            if pad:
+                chunk = torch.cat([chunk, chunk.new_zeros((pad, *chunk.shape[1:]))])
+            outs.append(self._run_one(chunk)[:size - pad])
+        return torch.cat(outs)
+
+    def _run_one(self, x):
+        """One onnxruntime call: from a CUDA tensor through IO binding, else through numpy."""
         if x.is_cuda and "CUDAExecutionProvider" in self.session.get_providers():
             return self._run_cuda(x)
-        x = x.cpu().numpy()
-        if self.fixed_batch is None:
-            return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
-        outs = []
-        for i in range(0, len(x), self.fixed_batch):
-            chunk = x[i:i + self.fixed_batch]
-            pad = self.fixed_batch - len(chunk)  # a last, short chunk is padded to the fixed batch
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-            outs.append(self.session.run(None, {self.input_name: chunk})[0][:len(chunk) - pad])
-        return torch.from_numpy(np.concatenate(outs))
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.cpu().numpy()})[0])
 
     def _run_cuda(self, x):
         """onnxruntime-gpu fed straight from a CUDA tensor through IO binding: no host round trip."""
         x = x.contiguous().float()
-        torch.cuda.current_stream(x.device).synchronize()  # onnxruntime reads x on its own stream: x must be ready
+        torch.cuda.current_stream(x.device).synchronize()  # onnxruntime reads x on its own stream
         out_meta = self.session.get_outputs()[0]
         binding = self.session.io_binding()
-        binding.bind_input(self.input_name, "cuda", x.device.index or 0, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_input(self.input_name, "cuda", x.device.index or 0, np.float32, tuple(x.shape),
+                           x.data_ptr())
         binding.bind_output(out_meta.name, "cuda", x.device.index or 0)
         self.session.run_with_iobinding(binding)
         return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(x.device)

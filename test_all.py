@@ -195,9 +195,9 @@ def test_generating_the_toy_world_leaves_the_callers_rng_as_it_was(toy_generatio
     assert torch.equal(after, reseeded)
 
 
-def _ensure_world_worker(rank, root):
-    import time
+def _ensure_world_worker(rank, root, local_ranks):
     import toyfaces
+    os.environ["LOCAL_RANK"] = str(local_ranks[rank])
 
     def slow_write(out, images, seed):  # stands in for the minutes of generating the world
         with open(os.path.join(root, "writers"), "a") as f:
@@ -210,10 +210,14 @@ def _ensure_world_worker(rank, root):
     assert os.path.exists(os.path.join(root, "toy", "DONE"))  # nobody returns before the world is there
 
 
-def test_processes_of_one_job_generate_the_toy_world_once(tmp_path):
-    # torchrun's processes all call ensure_world on first use: one writes, the others wait for it
-    torch.multiprocessing.spawn(_ensure_world_worker, args=(str(tmp_path),), nprocs=2)
-    assert len((tmp_path / "writers").read_text().split()) == 1
+def test_processes_of_one_job_generate_the_toy_world_once_per_node(tmp_path):
+    # torchrun's processes all call ensure_world on first use: one per node writes, the others wait for it
+    torch.multiprocessing.spawn(_ensure_world_worker, args=(str(tmp_path / "one"), [0, 1]), nprocs=2)
+    assert len((tmp_path / "one" / "writers").read_text().split()) == 1
+    # two nodes sharing the filesystem: both LOCAL_RANK 0 write, one copy is renamed into place
+    torch.multiprocessing.spawn(_ensure_world_worker, args=(str(tmp_path / "two"), [0, 0]), nprocs=2)
+    assert len((tmp_path / "two" / "writers").read_text().split()) == 2
+    assert sorted(os.listdir(tmp_path / "two")) == ["toy", "writers"]  # no temporary folder left
 
 
 def test_toy_world_reads_back_through_the_real_readers(toy_root):
@@ -436,7 +440,25 @@ def test_arcface_runs_on_this_processs_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
     assert onnx_providers(both) == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
-    assert onnx_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]  # onnxruntime without CUDA
+    with pytest.raises(ValueError, match="no CUDA provider.*onnxruntime-gpu"):  # never a silent CPU fallback
+        onnx_providers(["CPUExecutionProvider"])
+
+
+def test_fixed_batch_graph_is_fed_chunks_of_its_batch(tmp_path, monkeypatch):
+    """The chunking that the CPU and the GPU (IO binding) paths share: full chunks, the last one padded."""
+    from retrieval import ArcFace
+    W = np.random.RandomState(0).randn(3, 8).astype(np.float32)
+    fixed = ArcFace(_onnx_model(str(tmp_path / "fixed.onnx"), batch=2, weight=W))
+    dyn = ArcFace(_onnx_model(str(tmp_path / "dyn.onnx"), weight=W))
+    imgs = torch.randint(0, 256, (5, 3, 112, 112), dtype=torch.uint8)
+    real, sizes = ArcFace._run_one, []
+
+    def recording(self, x):
+        sizes.append(len(x))
+        return real(self, x)
+    monkeypatch.setattr(ArcFace, "_run_one", recording)
+    assert torch.allclose(fixed.embed(imgs), dyn.embed(imgs), atol=1e-5)
+    assert sizes == [2, 2, 2, 5]  # the fixed graph's three chunks, then the dynamic graph's one call
 
 
 def test_arcface_bad_models(tmp_path):
@@ -972,7 +994,7 @@ def test_finetune_resume_gives_the_same_run(tmp_path, toy_root, monkeypatch):
     from finetune_attr import Attributes
     argv = lambda out: ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny", "--img-size", "32",
                         "--epochs", "3", "--batch-size", "16", "--workers", "1", "--frac", "0.5", "--out", out,
-                        "--save-every-min", "1e-9"]
+                        "--save-every-min", "1e-9", "--log-every", "1"]
     full = finetune.main(Attributes(), argv(str(tmp_path / "full")))
     real_save, saved = finetune.save_atomic, []
 
@@ -1589,3 +1611,127 @@ def test_dino_and_mae_full_checkpoints_load_as_init(tmp_path):
     torch.save(dict(model=state, extra=fractions.Fraction(1, 3)), tmp_path / "odd.pth")
     with pytest.raises(ValueError, match="holds a fractions.Fraction"):
         vit.load_pretrained(vit.vit_tiny(), str(tmp_path / "odd.pth"))
+
+
+def _node_local_worker(rank, world, port, data, tmp):
+    """A pretraining process whose --out exists on its own node only: rank 1 gets an empty folder."""
+    _as_torchrun_process(rank, world, port)
+    torch.set_num_threads(1)
+    import pretrain
+    out = os.path.join(tmp, "rank0" if rank == 0 else "rank1_node")
+    pretrain.main(pretrain.get_args(_tiny_pretrain_argv(data, out, "--epochs", "1")))
+
+
+@pytest.mark.slow
+def test_resume_where_only_rank_0_sees_the_checkpoint(tmp_path, image_folder):
+    """Rank 0 reads the checkpoint and every process resumes from it: a finished run trains nothing on
+    any process (rank 1 alone would train from scratch and wait forever in the first collective)."""
+    for attempt in ("first", "again"):
+        port = _free_port()
+        torch.multiprocessing.spawn(_node_local_worker, args=(2, port, image_folder, str(tmp_path)), nprocs=2)
+        if attempt == "first":
+            log = open(tmp_path / "rank0" / "log.jsonl").read()
+    assert open(tmp_path / "rank0" / "log.jsonl").read() == log  # nothing retrained, nothing logged twice
+    assert not (tmp_path / "rank1_node" / "checkpoint.pth").exists()  # only rank 0 writes
+
+
+def _mixed_backend_worker(rank, world, port, data, tmp):
+    """A pretraining process in a process group made as setup_distributed makes it on GPUs: one backend
+    per device type ('cpu:gloo,cuda:nccl'); gloo stands in for NCCL on a machine without CUDA."""
+    _as_torchrun_process(rank, world, port)
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("cpu:gloo,cuda:gloo")
+    import pretrain
+    pretrain.main(pretrain.get_args(_tiny_pretrain_argv(data, os.path.join(tmp, "run"), "--epochs", "1",
+                                                        "--sinkhorn", "--projector-bn")))
+
+
+@pytest.mark.slow
+def test_every_collective_of_a_step_runs_in_a_per_device_backend_group(tmp_path, image_folder):
+    """DDP's gradient all-reduce, the mean prediction's and Sinkhorn's all-reduces, the logging mean,
+    the gather of skipped names (a corrupt image) and rank 0's checkpoint broadcast, all in a group
+    whose CPU tensors need their own backend (an NCCL-only group has none: the run would stop at its
+    first logging step)."""
+    import shutil
+    shutil.copytree(image_folder, tmp_path / "faces")
+    (tmp_path / "faces" / "zz.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    torch.multiprocessing.spawn(_mixed_backend_worker, args=(2, _free_port(), str(tmp_path / "faces"),
+                                                             str(tmp_path)), nprocs=2)
+    log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1] and log[0]["skipped"] == 1  # 13 images, a global batch of 8
+    assert (tmp_path / "run" / "skipped.txt").read_text().strip().endswith("zz.jpg")
+
+
+# ============================================================================= CUDA (scripts/gpu_check.sh)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_nccl_one_process_pretraining(tmp_path, image_folder, monkeypatch):
+    import pretrain
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)  # as torchrun --nproc_per_node 1: NCCL for CUDA tensors, gloo for CPU ones
+    pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "run"), "--epochs", "1",
+                                      "--projector-bn", "--sinkhorn"))
+    log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_bf16_step_keeps_the_loss_in_fp32():
+    import pretrain
+    torch.manual_seed(0)
+    args = pretrain.get_args(["--arch", "vit_tiny", "--n-prototypes", "32", "--out-dim", "16"])
+    model, teacher = pretrain.build_models(args)
+    device = torch.device("cuda")
+    model.to(device)
+    teacher.to(device)
+    opt = torch.optim.AdamW(pretrain.param_groups(model, 0.04), fused=True)
+    g, l = torch.randn(4, 2, 3, 64, 64, device=device), torch.randn(4, 3, 3, 32, 32, device=device)
+    stats = pretrain.training_step(model, teacher, opt, g, l, lr=1e-4, momentum=0.99, clip_grad=3.0, bf16=True)
+    assert stats["loss"].dtype == torch.float32 and math.isfinite(stats["loss"].item())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_io_binding_equals_the_cpu_path(tmp_path):
+    from retrieval import ArcFace
+    W = np.random.RandomState(0).randn(3, 8).astype(np.float32)
+    imgs = torch.randint(0, 256, (5, 3, 112, 112), dtype=torch.uint8)
+    for batch in ("N", 2):  # a dynamic and a fixed-batch graph
+        path = _onnx_model(str(tmp_path / f"m{batch}.onnx"), batch=batch, weight=W)
+        cpu = ArcFace(path, providers=["CPUExecutionProvider"]).embed(imgs)
+        face = ArcFace(path)
+        assert "CUDAExecutionProvider" in face.session.get_providers()
+        out = face.embed(imgs.cuda())
+        assert out.is_cuda and torch.allclose(out.cpu(), cpu, atol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_pinned_loader(image_folder):
+    import data
+    import pretrain
+    from crops import MultiCrop
+    args = _tiny_pretrain_args(image_folder, "unused", "--workers", "1")
+    views = pretrain.Views(data.ImageFolder(image_folder), MultiCrop(32, 16, n_local=2), 0)
+    batch = next(iter(pretrain.epoch_loader(views, args, 0, pin=True)))
+    assert batch["global_views"].is_pinned() and batch["local_views"].is_pinned()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_checkpoint_restores_the_cuda_rng(tmp_path, image_folder):
+    import pretrain
+    out = tmp_path / "run"
+    pretrain.main(_tiny_pretrain_args(image_folder, str(out), "--epochs", "1"))
+    ckpt = torch.load(str(out / "checkpoint.pth"), weights_only=True)
+    torch.cuda.manual_seed(123)
+    pretrain.restore_rng(ckpt, torch.device("cuda"))
+    assert torch.equal(torch.cuda.get_rng_state(), ckpt["cuda_rng"])
+

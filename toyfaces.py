@@ -20,7 +20,10 @@ import argparse
 import io
 import math
 import os
+import shutil
 import struct
+import tempfile
+import time
 import warnings
 from multiprocessing import Pool
 
@@ -33,11 +36,6 @@ from tqdm import tqdm
 
 from data import RECORDIO_MAGIC, HelpFormatter
 from loss import cosine_schedule
-
-try:
-    import fcntl  # POSIX: the lock of ensure_world
-except ImportError:
-    fcntl = None
 
 EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]  # RAF-DB 1..7
 ATTRIBUTES = ["Arched_Eyebrows", "Bald", "Bangs", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry",
@@ -621,18 +619,27 @@ def write_world(out, images=DEFAULT_IMAGES, seed=0, workers=None, recognizer_ste
 def ensure_world(root, images=DEFAULT_IMAGES, seed=0):
     """The built-in default data: `<root>/toy`, generated on first use. Returns its path.
 
-    The processes of a torchrun job all get here: one generates, under a lock, and the others wait for it,
-    instead of rewriting files that the first one is already reading (no lock where fcntl is missing)."""
+    The processes of a torchrun job all get here. On each node, LOCAL_RANK 0 generates the world into a
+    temporary folder and renames it into place, and the node's other processes wait for it to appear:
+    no file lock (some cluster filesystems have none) and no collective (generating takes minutes,
+    longer than a process group waits). Where nodes share the filesystem, the first rename wins and
+    the other copies are discarded."""
     out = os.path.join(root, "toy")
     done = os.path.join(out, "DONE")
-    if not os.path.exists(done):
-        os.makedirs(root, exist_ok=True)
-        with open(os.path.join(root, "toy.lock"), "w") as lock:
-            if fcntl:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-            if not os.path.exists(done):
-                print(f"generating the toy face world in {out} (first use; a few minutes on a CPU)")
-                write_world(out, images, seed)
+    if os.path.exists(done):
+        return out
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        while not os.path.exists(done):
+            time.sleep(1)
+        return out
+    os.makedirs(root, exist_ok=True)
+    print(f"generating the toy face world in {out} (first use; a few minutes on a CPU)")
+    tmp = tempfile.mkdtemp(prefix="toy.", dir=root)
+    write_world(tmp, images, seed)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another node's copy is already in place
+        shutil.rmtree(tmp)
     return out
 
 
