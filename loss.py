@@ -111,22 +111,27 @@ class PrototypeLoss(nn.Module):
         """Eq. 1: softmax over prototypes of the cosine similarity / tau. z (..., d) -> (..., K)."""
         return (self.cosine(z) / tau).softmax(-1)
 
+    def distillation(self, s_g, z_student):
+        """Eq. 1-4 from the teacher's predictions s_g (B, M, K) and the student's raw projector outputs
+        z_student (B, N, d) -> (loss, cross-entropy, mean entropy), each a scalar."""
+        log_s_l = F.log_softmax(self.cosine(z_student) / self.tau_student, dim=-1)   # (B, N, K), Eq. 1
+        # Eq. 3: cross-entropy of every (global m, local n) pair of an image, averaged over the M x N pairs
+        ce = -(s_g[:, :, None] * log_s_l[:, None]).sum(-1)                           # (B, M, N)
+        cross_entropy = ce.mean()                                                    # Eq. 2, first term
+        mean_s_l = global_mean(log_s_l.exp().flatten(0, 1))                          # Eq. 4: (K,) over B*N
+        mean_entropy = entropy(mean_s_l)
+        return cross_entropy - mean_entropy, cross_entropy, mean_entropy             # Eq. 2
+
     def forward(self, z_teacher, z_student):
         """z_teacher (B, M, d) from the global views, z_student (B, N, d) from the local views -> (loss, stats)."""
         with torch.no_grad():  # the teacher side gives targets only: no gradient, not to the prototypes either
             s_g = self.predictions(z_teacher, self.tau_teacher)                      # (B, M, K)
             if self.sinkhorn:  # not in the paper: MSN's equipartition of the targets (see --sinkhorn)
                 s_g = sinkhorn(s_g.flatten(0, 1)).view_as(s_g)
-        log_s_l = F.log_softmax(self.cosine(z_student) / self.tau_student, dim=-1)   # (B, N, K)
-        # Eq. 3: cross-entropy of every (global m, local n) pair of an image, averaged over the M x N pairs
-        ce = -(s_g[:, :, None] * log_s_l[:, None]).sum(-1)                           # (B, M, N)
-        cross_entropy = ce.mean()                                                    # Eq. 2, first term
-        s_l = log_s_l.exp()
-        mean_s_l = global_mean(s_l.flatten(0, 1))                                    # Eq. 4: (K,) over B*N
-        mean_entropy = entropy(mean_s_l)
-        loss = cross_entropy - mean_entropy                                          # Eq. 2
+        loss, cross_entropy, mean_entropy = self.distillation(s_g, z_student)
         with torch.no_grad():  # 0-d tensors on the device: read on logging steps only (no host sync here)
-            used = torch.zeros_like(mean_s_l).index_fill_(0, s_g.argmax(-1).flatten(), 1.0).sum()
+            s_l = self.predictions(z_student, self.tau_student)
+            used = s_g.new_zeros(s_g.shape[-1]).index_fill_(0, s_g.argmax(-1).flatten(), 1.0).sum()
             stats = dict(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
                          mean_entropy=mean_entropy.detach(), teacher_entropy=entropy(s_g).mean(),
                          student_entropy=entropy(s_l).mean(), prototypes_used=used)

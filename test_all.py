@@ -1735,3 +1735,83 @@ def test_gpu_checkpoint_restores_the_cuda_rng(tmp_path, image_folder):
     pretrain.restore_rng(ckpt, torch.device("cuda"))
     assert torch.equal(torch.cuda.get_rng_state(), ckpt["cuda_rng"])
 
+
+# ============================================================================= classroom.py
+
+def _replace_function(path, name, reference):
+    """Put the function `name` of the file `reference` in place of the one in `path`."""
+    import ast
+    import classroom
+    text = open(path).read()
+    tree = ast.parse(text)
+    node = classroom.function_node(tree, name)
+    ref_text = open(reference).read()
+    ref_node = classroom.function_node(ast.parse(ref_text), name)
+    lines, ref_lines = text.splitlines(keepends=True), ref_text.splitlines(keepends=True)
+    lines[node.lineno - 1:node.end_lineno] = ref_lines[ref_node.lineno - 1:ref_node.end_lineno]
+    open(path, "w").write("".join(lines))
+
+
+@pytest.fixture(scope="module")
+def student_copy(tmp_path_factory):
+    import classroom
+    d = str(tmp_path_factory.mktemp("class") / "copy")
+    classroom.make(d, list(classroom.BY_NAME))
+    return d
+
+
+@pytest.mark.slow
+def test_classroom_untouched_copy_grades_zero_and_holds_no_reference_body(student_copy, capsys):
+    import ast
+    import classroom
+    rows = classroom.grade(student_copy)
+    assert [r[0] for r in rows] == list(classroom.BY_NAME) and not any(r[1] for r in rows)
+    assert all(r[2].startswith("NotImplementedError") for r in rows), rows
+    assert f"0/{len(rows)} exercises pass" in capsys.readouterr().out
+    copied = "\n".join(ast.unparse(ast.parse(open(os.path.join(root, f)).read()))
+                       for root, _, files in os.walk(student_copy) for f in files if f.endswith(".py"))
+    assert not os.path.exists(os.path.join(student_copy, "test_all.py"))
+    for name, ex in classroom.BY_NAME.items():
+        node = classroom.function_node(ast.parse(open(os.path.join(HERE, ex.file)).read()),
+                                       name.split(".", 1)[1])
+        for stmt in node.body[1:]:  # the docstring stays
+            code = ast.unparse(stmt)
+            assert len(code) < 25 or code not in copied, (name, code)
+
+
+@pytest.mark.slow
+def test_classroom_reference_bodies_pass_and_planted_bugs_fail_their_exercise_only(student_copy, tmp_path):
+    import shutil
+    import classroom
+    done = str(tmp_path / "done")
+    shutil.copytree(student_copy, done)
+    for name, ex in classroom.BY_NAME.items():
+        _replace_function(os.path.join(done, ex.file), name.split(".", 1)[1], os.path.join(HERE, ex.file))
+    rows = classroom.grade(done)
+    assert all(r[1] for r in rows), [r for r in rows if not r[1]]
+    bugs = {  # exercise: (file, then pairs of correct code and its planted bug)
+        "loss.PrototypeLoss.distillation": ("loss.py", "return cross_entropy - mean_entropy",
+                                            "return cross_entropy + mean_entropy"),
+        "loss.ema_update": ("loss.py", "_(list(t), momentum)\n", "_(list(t), 1 - momentum)\n",
+                            "alpha=1 - momentum)", "alpha=momentum)"),
+        "retrieval.select": ("retrieval.py", "sim >= threshold", "sim < threshold"),
+        "finetune.param_groups_layer_decay": ("finetune.py", "layer_decay ** (n_layers + 1 - layer)",
+                                              "layer_decay ** (n_layers - layer)"),
+    }
+    for name, (file, *edits) in bugs.items():
+        path = os.path.join(done, file)
+        text = open(path).read()
+        for right, wrong in zip(edits[::2], edits[1::2]):
+            assert text.count(right) == 1, (name, right)
+            text = text.replace(right, wrong)
+        open(path, "w").write(text)
+    with open(os.path.join(done, "vit.py"), "a") as f:
+        f.write("\ndef broken(:\n")  # a syntax error: vit.py's exercises fail, no other
+    rows = {name: (passed, message) for name, passed, message in classroom.grade(done)}
+    vit_names = {n for n, ex in classroom.BY_NAME.items() if ex.file == "vit.py"}
+    assert {n for n, (passed, _) in rows.items() if not passed} == set(bugs) | vit_names
+    assert all(rows[n][1].startswith("SyntaxError") for n in vit_names)
+    assert "wrong sign" in rows["loss.PrototypeLoss.distillation"][1]
+    assert "swapped" in rows["loss.ema_update"][1]
+    assert "reversed" in rows["retrieval.select"][1]
+    assert "off by one" in rows["finetune.param_groups_layer_decay"][1]
