@@ -1,17 +1,19 @@
-"""Classroom exercises: the paper's pieces, blanked in a student copy of this repository, and a grader.
+"""Classroom exercises: the paper's pieces, blanked in a student copy of this repository, and a
+grader.
 
     python classroom.py list                        # the exercises, with the paper's section each
     python classroom.py make DIR [--only NAME ...]  # DIR: a copy with those bodies blanked
     python classroom.py grade [DIR]                 # run each exercise's checks, one process each
 
 `make` records each exercise's expected outputs from this repository's code on fixed inputs, then
-copies the repository without its tests and replaces each chosen function's body (found on the syntax
-tree) by `raise NotImplementedError`, its docstring kept. The grader holds no reference code: it
-compares a student's outputs with the recorded ones and checks properties that any correct answer
-has. Each exercise is graded in a process of its own, from a pristine blanked copy with only that
-function taken from the student's file: a crash or a hang costs that exercise, a syntax error the
-exercises of its file; each exercise grades in about a second.
+copies the repository without its tests and replaces each chosen function's body (found on the
+syntax tree) by `raise NotImplementedError`, its docstring kept. The grader holds no reference
+code: it compares a student's outputs with the recorded ones and checks properties that any correct
+answer has. Each exercise is graded in a process of its own, from a pristine blanked copy with only
+that function taken from the student's file: a crash or a hang costs that exercise, a syntax error
+the exercises of its file; each exercise grades in about two seconds.
 """
+
 import argparse
 import ast
 import os
@@ -23,11 +25,21 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUPPORT = os.path.join(".classroom", "support")  # the blanked copy the grader imports from
 EXPECTED = os.path.join(".classroom", "expected.pt")
-NOT_COPIED = {".git", ".classroom", "runs", "data", "__pycache__", ".pytest_cache", "test_all.py",
-              "scripts", "docs"}
+NOT_COPIED = {
+    ".git",
+    ".classroom",
+    "runs",
+    "data",
+    "__pycache__",
+    ".pytest_cache",
+    "test_all.py",
+    "scripts",
+    "docs",
+}
 
 
 # ----------------------------------------------------------------------------- the exercises
+
 
 class Exercise:
     """One function of the codebase: where it is, what the paper calls it, the task in one line.
@@ -51,6 +63,7 @@ class Exercise:
 def close(a, b, what, tol=1e-5):
     """None if tensors a and b agree within tol, else a sentence saying by how much they differ."""
     import torch
+
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     if a.shape != b.shape:
         return f"{what}: shape {tuple(a.shape)}, expected {tuple(b.shape)}"
@@ -61,23 +74,30 @@ def close(a, b, what, tol=1e-5):
 class Attention(Exercise):
     def inputs(self):
         import torch
+
         torch.manual_seed(0)
         from vit import Attention as Module
+
         return dict(module=Module(32, 4), x=torch.randn(2, 7, 32))
 
     def run(self, fn, inp):
-        return dict(out=fn(inp["module"], inp["x"]), attn=fn(inp["module"], inp["x"], return_attention=True))
+        return dict(
+            out=fn(inp["module"], inp["x"]), attn=fn(inp["module"], inp["x"], return_attention=True)
+        )
 
     def check(self, out, exp):
         a = out["attn"]
         if a.shape == exp["attn"].shape and not a.sum(-1).sub(1).abs().max() < 1e-4:
             return "attention rows do not sum to 1: softmax over the keys (last dim)?"
-        return close(out["attn"], exp["attn"], "attention maps") or close(out["out"], exp["out"], "output")
+        return close(out["attn"], exp["attn"], "attention maps") or close(
+            out["out"], exp["out"], "output"
+        )
 
 
 class PosEmbed(Exercise):
     def inputs(self):
         import torch
+
         torch.manual_seed(0)
         return dict(pos=torch.randn(1, 1 + 14 * 14, 8))
 
@@ -85,9 +105,15 @@ class PosEmbed(Exercise):
         return dict(to6=fn(inp["pos"], (6, 6)), same=fn(inp["pos"], (14, 14)))
 
     def check(self, out, exp):
-        if out["same"].shape == exp["same"].shape and close(out["same"], exp["same"], "") is not None:
+        if (
+            out["same"].shape == exp["same"].shape
+            and close(out["same"], exp["same"], "") is not None
+        ):
             return "not the identity when the grid already matches"
-        if out["to6"].shape == exp["to6"].shape and close(out["to6"][:, 0], exp["to6"][:, 0], "") is not None:
+        if (
+            out["to6"].shape == exp["to6"].shape
+            and close(out["to6"][:, 0], exp["to6"][:, 0], "") is not None
+        ):
             return "the cls token's position embedding must be kept as it is"
         return close(out["to6"], exp["to6"], "the 6 x 6 resampling", tol=1e-4)
 
@@ -97,20 +123,28 @@ class MultiCropSample(Exercise):
         from PIL import Image
         import numpy as np
         from crops import MultiCrop
+
         img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (120, 100, 3), np.uint8))
         return dict(mc=MultiCrop(64, 32, n_global=2, n_local=4, n_candidates=6), img=img)
 
     def run(self, fn, inp):
         import torch
+
         torch.manual_seed(0)
         g, l = fn(inp["mc"], inp["img"])
-        return dict(globals=[c.size for c in g], locals=[c.size for c in l], modes=sorted({c.mode for c in g + l}))
+        return dict(
+            globals=[c.size for c in g],
+            locals=[c.size for c in l],
+            modes=sorted({c.mode for c in g + l}),
+        )
 
     def check(self, out, exp):
         if out["globals"] != exp["globals"]:
-            return f"global crops: sizes {out['globals']}, expected {exp['globals']} (M crops of global_size)"
+            return (f"global crops: sizes {out['globals']}, expected {exp['globals']} "
+                    "(M crops of global_size)")
         if out["locals"] != exp["locals"]:
-            return f"local crops: sizes {out['locals']}, expected {exp['locals']} (C candidates of local_size)"
+            return (f"local crops: sizes {out['locals']}, expected {exp['locals']} "
+                    "(C candidates of local_size)")
         return None if out["modes"] == ["RGB"] else f"crop modes {out['modes']}, expected RGB"
 
 
@@ -124,16 +158,18 @@ class Select(Exercise):
 
     def inputs(self):
         import torch
+
         cases = {}
         for name, (sims, n) in self.CASES.items():
             # unit vectors at angle arccos(s) from the globals' shared direction
             s = torch.tensor(sims, dtype=torch.float64)
-            local = torch.stack([s, (1 - s ** 2).clamp_min(0).sqrt()], 1).float()
+            local = torch.stack([s, (1 - s**2).clamp_min(0).sqrt()], 1).float()
             cases[name] = (torch.tensor([[1.0, 0.0], [1.0, 0.0]]), local, n)
         return cases
 
     def run(self, fn, inp):
         import torch
+
         out = {}
         for name, (g, l, n) in inp.items():
             idx, stats = fn(g, l, n, -0.5, torch.Generator().manual_seed(0))
@@ -147,25 +183,35 @@ class Select(Exercise):
             if len(got["indices"]) != n:
                 return f"{name}: {len(got['indices'])} views kept, expected N = {n}"
             if got["stats"] != want["stats"]:
-                reversed_ = got["stats"].get("rejected") == want["stats"]["candidates"] - want["stats"]["rejected"]
-                return (f"{name}: counts {got['stats']}, expected {want['stats']}"
-                        + ("; the comparison with theta reversed?" if reversed_ else ""))
+                reversed_ = (
+                    got["stats"].get("rejected")
+                    == want["stats"]["candidates"] - want["stats"]["rejected"]
+                )
+                return f"{name}: counts {got['stats']}, expected {want['stats']}" + (
+                    "; the comparison with theta reversed?" if reversed_ else ""
+                )
             if passing and not set(got["indices"]) <= passing:
                 kept = sorted(set(got["indices"]) - passing)
-                return (f"{name}: kept candidates {kept} whose similarity is below theta: the comparison "
-                        "reversed?")
+                return (
+                    f"{name}: kept candidates {kept} whose similarity is below theta: the "
+                    "comparison "
+                    "reversed?"
+                )
             if passing and len(passing) >= n and len(set(got["indices"])) != n:
                 return f"{name}: a candidate kept twice while enough pass"
             if not passing and sorted(got["indices"]) != sorted(want["indices"]):
-                return f"{name}: kept {got['indices']}, expected the {n} most similar {want['indices']}"
+                return (f"{name}: kept {got['indices']}, expected the {n} most similar "
+                        f"{want['indices']}")
         return None
 
 
 class Distillation(Exercise):
     def inputs(self):
         import torch
+
         torch.manual_seed(0)
         from loss import PrototypeLoss
+
         module = PrototypeLoss(n_prototypes=16, dim=8)
         z_t, z_s = torch.randn(3, 2, 8), torch.randn(3, 4, 8, requires_grad=True)
         s_g = module.predictions(z_t, module.tau_teacher).detach()
@@ -173,37 +219,53 @@ class Distillation(Exercise):
 
     def run(self, fn, inp):
         import torch
+
         inp["module"].zero_grad()
         z_s = inp["z_s"].detach().requires_grad_(True)
         loss, ce, me = fn(inp["module"], inp["s_g"], z_s)
         loss.backward()
         grad = inp["module"].prototypes.grad
-        return dict(loss=loss.detach(), ce=torch.as_tensor(ce).detach(), me=torch.as_tensor(me).detach(),
-                    grad_z=z_s.grad, grad_p=grad if grad is not None else torch.zeros(0))
+        return dict(
+            loss=loss.detach(),
+            ce=torch.as_tensor(ce).detach(),
+            me=torch.as_tensor(me).detach(),
+            grad_z=z_s.grad,
+            grad_p=grad if grad is not None else torch.zeros(0),
+        )
 
     def check(self, out, exp):
         if close(out["loss"], exp["ce"] + exp["me"], "") is None:
-            return (f"loss differs from the expected {exp['loss'].item():.4f} by "
-                    f"{(out['loss'] - exp['loss']).abs().item():.4f}; the mean-entropy term has the wrong sign?")
-        return (close(out["ce"], exp["ce"], "the cross-entropy (Eq. 2-3)")
-                or close(out["me"], exp["me"], "the mean entropy (Eq. 4)")
-                or close(out["loss"], exp["loss"], "the loss (Eq. 2)")
-                or close(out["grad_z"], exp["grad_z"], "the gradient to the student's features", 1e-4)
-                or close(out["grad_p"], exp["grad_p"], "the gradient to the prototypes", 1e-4))
+            return (
+                f"loss differs from the expected {exp['loss'].item():.4f} by "
+                f"{(out['loss'] - exp['loss']).abs().item():.4f}; the mean-entropy term has the "
+                "wrong sign?"
+            )
+        return (
+            close(out["ce"], exp["ce"], "the cross-entropy (Eq. 2-3)")
+            or close(out["me"], exp["me"], "the mean entropy (Eq. 4)")
+            or close(out["loss"], exp["loss"], "the loss (Eq. 2)")
+            or close(out["grad_z"], exp["grad_z"], "the gradient to the student's features", 1e-4)
+            or close(out["grad_p"], exp["grad_p"], "the gradient to the prototypes", 1e-4)
+        )
 
 
 class Ema(Exercise):
     def inputs(self):
         import torch
+
         torch.manual_seed(0)
         return dict(teacher=torch.nn.Linear(4, 3), student=torch.nn.Linear(4, 3))
 
     def run(self, fn, inp):
         import copy
+
         teacher, student = copy.deepcopy(inp["teacher"]), copy.deepcopy(inp["student"])
         fn(teacher, student, 0.9)
-        return dict(teacher=teacher.state_dict(), student=student.state_dict(),
-                    before=(inp["teacher"].state_dict(), inp["student"].state_dict()))
+        return dict(
+            teacher=teacher.state_dict(),
+            student=student.state_dict(),
+            before=(inp["teacher"].state_dict(), inp["student"].state_dict()),
+        )
 
     def record(self, out):
         return dict(teacher=out["teacher"], student=out["student"])
@@ -212,11 +274,14 @@ class Ema(Exercise):
         t0, s0 = out["before"]
         if any(close(out["student"][k], s0[k], "") is not None for k in s0):
             return "the student changed: only the teacher moves (the arguments swapped?)"
-        wrong = [k for k in exp["teacher"] if close(out["teacher"][k], exp["teacher"][k], "") is not None]
+        wrong = [
+            k for k in exp["teacher"] if close(out["teacher"][k], exp["teacher"][k], "") is not None
+        ]
         if not wrong:
             return None
         if all(close(out["teacher"][k], 0.1 * t0[k] + 0.9 * s0[k], "") is None for k in t0):
-            return "the teacher moved 90% of the way to the student: momentum and 1 - momentum swapped?"
+            return ("the teacher moved 90% of the way to the student: momentum and 1 - momentum "
+                    "swapped?")
         return f"the teacher's {wrong[0]} differs from the expected EMA"
 
 
@@ -243,12 +308,15 @@ class LayerDecay(Exercise):
                 super().__init__()
                 self.backbone = vit.vit_tiny()
                 self.head = torch.nn.Linear(192, 3)
+
         return dict(model=Model())
 
     def run(self, fn, inp):
         groups = fn(inp["model"], 0.05, 0.65)
         names = {id(p): n for n, p in inp["model"].named_parameters()}
-        return {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+        return {
+            names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]
+        }
 
     def check(self, out, exp):
         missing = sorted(set(exp) - set(out))
@@ -257,12 +325,17 @@ class LayerDecay(Exercise):
         for name, (scale, decay) in exp.items():
             got_scale, got_decay = out[name]
             if abs(got_scale - scale) > 1e-9:
-                hint = " (the exponent off by one?)" if any(abs(got_scale - scale * 0.65 ** e) < 1e-9
-                                                            for e in (-1, 1)) else ""
+                hint = (
+                    " (the exponent off by one?)"
+                    if any(abs(got_scale - scale * 0.65**e) < 1e-9 for e in (-1, 1))
+                    else ""
+                )
                 return f"{name}: lr scale {got_scale:.4g}, expected {scale:.4g}{hint}"
             if got_decay != decay:
-                return f"{name}: weight decay {got_decay}, expected {decay} (none on biases, norms, " \
-                       "pos_embed, cls_token)"
+                return (
+                    f"{name}: weight decay {got_decay}, expected {decay} (none on biases, norms, "
+                    "pos_embed, cls_token)"
+                )
         return None
 
 
@@ -270,7 +343,10 @@ class DecodeHeatmaps(Exercise):
     def inputs(self):
         import torch
         from finetune_align import gaussian_heatmaps
-        points = torch.tensor([[[10.3, 20.7], [31.6, 12.2], [50.4, 40.0], [47.25, 47.75]]])  # inside
+
+        points = torch.tensor(
+            [[[10.3, 20.7], [31.6, 12.2], [50.4, 40.0], [47.25, 47.75]]]
+        )  # inside
         return dict(points=points, heat=gaussian_heatmaps(points, 64, 1.5))
 
     def run(self, fn, inp):
@@ -286,6 +362,7 @@ class DecodeHeatmaps(Exercise):
 class Nme(Exercise):
     def inputs(self):
         import torch
+
         torch.manual_seed(0)
         gt = torch.rand(3, 68, 2) * 100
         return dict(pred=gt + torch.randn(3, 68, 2), gt=gt, eyes=(36, 45))
@@ -300,6 +377,7 @@ class Nme(Exercise):
 class MeanClassAccuracy(Exercise):
     def inputs(self):
         import torch
+
         target = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
         pred = torch.tensor([0, 0, 0, 1, 1, 0, 2, 2, 1, 3])
         return dict(pred=pred, target=target)
@@ -310,35 +388,66 @@ class MeanClassAccuracy(Exercise):
     def check(self, out, exp):
         for key in ("accuracy", "mean_class_accuracy"):
             if abs(out[key] - exp[key]) > 1e-6:
-                return f"{key} {out[key]:.2f}, expected {exp[key]:.2f} (in %; a class with no test image " \
-                       "does not count)"
-        return None if out["confusion"] == exp["confusion"] else "the confusion matrix (rows: true class)"
+                return (
+                    f"{key} {out[key]:.2f}, expected {exp[key]:.2f} (in %; a class with no test "
+                    "image "
+                    "does not count)"
+                )
+        return (
+            None
+            if out["confusion"] == exp["confusion"]
+            else "the confusion matrix (rows: true class)"
+        )
 
 
 EXERCISES = [
-    Attention("vit.Attention.forward", "§3.2", "multi-head self-attention; with return_attention, the "
-              "softmax(QK^T / sqrt(d)) maps"),
-    PosEmbed("vit.resample_pos_embed", "§3.2", "resample the position embedding to another patch grid "
-             "(96 px local crops: 6 x 6)"),
-    MultiCropSample("crops.MultiCrop.sample", "§3, Fig. 2", "cut M global and C local candidate crops"),
-    Select("retrieval.select", "§3, theta", "keep N of C candidates: displace those below theta, reuse "
-           "when too few pass, fall back to the most similar"),
-    Distillation("loss.PrototypeLoss.distillation", "Eq. 1-4", "the student's predictions, the "
-                 "cross-entropy to the teacher's and the mean-entropy regulariser"),
+    Attention(
+        "vit.Attention.forward",
+        "§3.2",
+        "multi-head self-attention; with return_attention, the " "softmax(QK^T / sqrt(d)) maps",
+    ),
+    PosEmbed(
+        "vit.resample_pos_embed",
+        "§3.2",
+        "resample the position embedding to another patch grid " "(96 px local crops: 6 x 6)",
+    ),
+    MultiCropSample(
+        "crops.MultiCrop.sample", "§3, Fig. 2", "cut M global and C local candidate crops"
+    ),
+    Select(
+        "retrieval.select",
+        "§3, theta",
+        "keep N of C candidates: displace those below theta, reuse "
+        "when too few pass, fall back to the most similar",
+    ),
+    Distillation(
+        "loss.PrototypeLoss.distillation",
+        "Eq. 1-4",
+        "the student's predictions, the "
+        "cross-entropy to the teacher's and the mean-entropy regulariser",
+    ),
     Ema("loss.ema_update", "§3", "the teacher's exponential moving average of the student"),
     Cosine("loss.cosine_schedule", "§3.3", "linear warmup, then cosine decay"),
-    LayerDecay("finetune.param_groups_layer_decay", "§4.1", "layer-wise lr decay and no weight decay "
-               "on biases, norms, pos_embed, cls_token"),
-    DecodeHeatmaps("finetune_align.decode_heatmaps", "§4.1", "sub-pixel landmark positions from "
-                   "heat-maps"),
+    LayerDecay(
+        "finetune.param_groups_layer_decay",
+        "§4.1",
+        "layer-wise lr decay and no weight decay " "on biases, norms, pos_embed, cls_token",
+    ),
+    DecodeHeatmaps(
+        "finetune_align.decode_heatmaps", "§4.1", "sub-pixel landmark positions from " "heat-maps"
+    ),
     Nme("finetune_align.nme", "§4.1", "normalised mean error by the inter-ocular distance"),
-    MeanClassAccuracy("finetune_expr.classification_metrics", "§4.1", "accuracy, mean class accuracy "
-                      "and the confusion matrix"),
+    MeanClassAccuracy(
+        "finetune_expr.classification_metrics",
+        "§4.1",
+        "accuracy, mean class accuracy " "and the confusion matrix",
+    ),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
 
 # ----------------------------------------------------------------------------- finding functions
+
 
 def resolve(module, name):
     """'Class.method' or 'function' in a module -> (owner, attribute name)."""
@@ -353,7 +462,10 @@ def function_node(tree, name):
     """The def node of 'function' or 'Class.method' in a module's syntax tree."""
     body, node = tree.body, None
     for part in name.split("."):
-        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part), None)
+        node = next(
+            (n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part),
+            None,
+        )
         if node is None:
             raise KeyError(name)
         body = node.body
@@ -362,6 +474,7 @@ def function_node(tree, name):
 
 # ----------------------------------------------------------------------------- make
 
+
 def blank(source, names):
     """The source with each named function's body replaced by its docstring and a raise."""
     tree = ast.parse(source)
@@ -369,12 +482,18 @@ def blank(source, names):
     nodes = sorted((function_node(tree, n) for n in names), key=lambda n: -n.lineno)
     for node, name in ((n, n.name) for n in nodes):
         first = node.body[0]
-        has_doc = isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant) \
+        has_doc = (
+            isinstance(first, ast.Expr)
+            and isinstance(getattr(first, "value", None), ast.Constant)
             and isinstance(first.value.value, str)
-        start = first.end_lineno if has_doc else first.lineno - 1  # 0-based index of the first line to drop
+        )
+        start = (
+            first.end_lineno if has_doc else first.lineno - 1
+        )  # 0-based index of the first line to drop
         indent = " " * first.col_offset
-        raise_line = f'{indent}raise NotImplementedError("exercise: write {name} (python classroom.py list)")\n'
-        lines[start:node.end_lineno] = [raise_line]
+        task = f"exercise: write {name} (python classroom.py list)"
+        raise_line = f'{indent}raise NotImplementedError("{task}")\n'
+        lines[start : node.end_lineno] = [raise_line]
     return "".join(lines)
 
 
@@ -382,26 +501,37 @@ def record_expected(names):
     """Each exercise's inputs and the reference's outputs, from this repository's code."""
     import importlib
     import torch
+
     sys.path.insert(0, HERE)
     expected = {}
     for name in names:
         ex = BY_NAME[name]
-        owner, attr = resolve(importlib.import_module(name.split(".")[0]), ".".join(name.split(".")[1:]))
+        owner, attr = resolve(
+            importlib.import_module(name.split(".")[0]), ".".join(name.split(".")[1:])
+        )
         torch.manual_seed(0)
         expected[name] = ex.record(ex.run(getattr(owner, attr), ex.inputs()))
     return expected
 
 
 def copy_tree(dst):
-    """This repository's files, without its tests, tools and outputs (nor `dst`, if it is inside)."""
+    """This repository's files, without its tests, tools and outputs (nor `dst`, if inside)."""
+
     def ignore(folder, names):
-        return [n for n in names if n in NOT_COPIED or n.endswith(".pyc")
-                or os.path.abspath(os.path.join(folder, n)) == os.path.abspath(dst)]
+        return [
+            n
+            for n in names
+            if n in NOT_COPIED
+            or n.endswith(".pyc")
+            or os.path.abspath(os.path.join(folder, n)) == os.path.abspath(dst)
+        ]
+
     shutil.copytree(HERE, dst, ignore=ignore, dirs_exist_ok=True)
 
 
 def make(dst, names):
     import torch
+
     if os.path.exists(dst) and os.listdir(dst):
         raise SystemExit(f"error: {dst} exists and is not empty: choose a new folder")
     expected = record_expected(names)
@@ -424,6 +554,7 @@ def make(dst, names):
 
 # ----------------------------------------------------------------------------- grade
 
+
 def student_function(folder, exercise, module):
     """The student's version of the exercise's function, compiled from their file into the pristine
     module's namespace (so every other name resolves to the blanked copy's)."""
@@ -433,7 +564,7 @@ def student_function(folder, exercise, module):
     tree = ast.parse(source, path)  # a SyntaxError fails this file's exercises only
     node = function_node(tree, ".".join(exercise.name.split(".")[1:]))
     first = min([d.lineno for d in node.decorator_list] + [node.lineno])  # @torch.no_grad() too
-    code = textwrap.dedent("".join(source.splitlines(keepends=True)[first - 1:node.end_lineno]))
+    code = textwrap.dedent("".join(source.splitlines(keepends=True)[first - 1 : node.end_lineno]))
     namespace = dict(vars(module))
     exec(compile(code, path, "exec"), namespace)
     return namespace[node.name]
@@ -443,6 +574,7 @@ def check_one(folder, name):
     """Grade one exercise in this process; returns (passed, message)."""
     import importlib
     import torch
+
     sys.path.insert(0, os.path.join(folder, SUPPORT))
     ex = BY_NAME[name]
     expected = torch.load(os.path.join(folder, EXPECTED), weights_only=True)["expected"][name]
@@ -458,17 +590,21 @@ def check_one(folder, name):
 def child(folder, name, conn):
     """A grading process: one exercise, its verdict (or the error it raised) sent back."""
     import torch
+
     torch.set_num_threads(1)  # a forked process cannot use the parent's OpenMP threads: run inline
     try:
         conn.send(check_one(folder, name))
-    except BaseException as e:  # the student's code may raise anything: it is that exercise's verdict
+    except (
+        BaseException
+    ) as e:  # the student's code may raise anything: it is that exercise's verdict
         conn.send((False, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
 
 
 def grade(folder, timeout=60):
-    """Each exercise in a process of its own (forked: torch is imported once); a table and the count."""
+    """Each exercise in its own process (forked: torch is imported once); a table, the count."""
     import multiprocessing
     import torch
+
     names = torch.load(os.path.join(folder, EXPECTED), weights_only=True)["names"]
     ctx = multiprocessing.get_context("fork")
     rows, start = [], time.time()
@@ -495,13 +631,20 @@ def grade(folder, timeout=60):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the exercises")
     m = sub.add_parser("make", help="a student copy with the exercises blanked")
     m.add_argument("dir")
-    m.add_argument("--only", nargs="+", choices=list(BY_NAME), default=None, help="these exercises "
-                   "(default: all)")
+    m.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(BY_NAME),
+        default=None,
+        help="these exercises " "(default: all)",
+    )
     g = sub.add_parser("grade", help="grade a student copy")
     g.add_argument("dir", nargs="?", default=".", help="the copy (default: here)")
     a = p.parse_args()

@@ -105,7 +105,8 @@ def run_cli(main):
 
 def ignore_stop_signals(_worker_id=None):
     """A DataLoader worker's init: Ctrl-C and a cluster's SIGTERM reach every process of the job; the
-    training process handles them (it finishes its step and saves), its workers carry on until it exits."""
+    training process handles them (it saves at its next logging step), its workers carry on until it
+    exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -5,13 +5,14 @@
 What every task shares (and only that): the backbone from --init (random, ours, DINO, DeiT/timm, MAE, MSN:
 Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen backbone), AdamW
 with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs (--runs: mean and std over seeds;
-the paper prints one number per setting), batched evaluation on the test split, results.json, DDP under
+§4.3 averages five), batched evaluation on the test split, results.json, DDP under
 torchrun, bf16 autocast (--bf16: on CUDA by default), checkpoint + resume. A task supplies its data, head,
 loss, predictions and metrics.
 
 Each run's checkpoint and result.json record the settings that made them: a run is resumed or its result
 reused only under the same settings (the console says so), and refused under others. Ctrl-C or SIGTERM
-finishes the step, saves and exits; a checkpoint is also written every --save-every-min minutes.
+trains on to the next logging step, saves and exits; a checkpoint is also written every
+--save-every-min minutes.
 """
 import argparse
 import hashlib
@@ -53,8 +54,8 @@ def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_si
     p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (paper: vit_small; MAE: vit_base)")
     p.add_argument("--frac", type=fraction, default=1.0, help="few-shot: keep floor(frac * n_train) training "
                    "images")
-    p.add_argument("--runs", type=count, default=1, help="repeat with seeds seed..seed+runs-1: mean and std (the "
-                   "paper prints one number per setting, without its number of runs)")
+    p.add_argument("--runs", type=count, default=1, help="repeat with seeds seed..seed+runs-1: mean and std "
+                   "(§4.3 reports the average of five runs)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
     p.add_argument("--head-only", action="store_true", help="freeze the backbone, train the head (linear probe)")
     p.add_argument("--epochs", type=count, default=epochs, help=notes.get("epochs", "training epochs"))

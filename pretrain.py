@@ -8,8 +8,8 @@ Per image, M global views go to the teacher and N local views to the student (§
 --arcface, C candidate local crops are cut and the face-aware retrieval keeps N of them in the training
 step, one recogniser call for the whole batch (see DESIGN: the recogniser is too heavy for CPU workers).
 Run the same command again with the same --out and it resumes from the last checkpoint; one made with
-other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finishes the step, saves and exits;
-a checkpoint is also written every --save-every-min minutes and at the end of every epoch.
+other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) trains on to the next logging
+step, saves and exits; a checkpoint is also written every --save-every-min minutes and every epoch.
 
 Outputs in --out: checkpoint.pth (everything to resume, and the settings it was made with),
 teacher_backbone.pth (the teacher ViT, what fine-tuning loads), log.jsonl (one line per logging step),
@@ -53,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--min-lr", type=nonneg, default=1e-6, help="final lr of the cosine decay (§3.3)")
     p.add_argument("--warmup-epochs", type=nonneg, default=2, help="§3.3")
     p.add_argument("--weight-decay", type=nonneg, default=0.04, help="AdamW; none on biases, norms, "
-                   "pos_embed, cls_token, prototypes (§3.3)")
+                   "pos_embed, cls_token (MAE's list), prototypes (§3.3's 0.04)")
     p.add_argument("--clip-grad", type=positive, default=3.0, help="max global gradient norm (unstated; DINO's 3.0)")
     p.add_argument("--momentum-teacher", type=fraction, default=0.996, help="EMA momentum, cosine to 1 (DINO)")
     p.add_argument("--drop-path", type=nonneg, default=0.1, help="student stochastic depth (unstated; DINO's 0.1)")
@@ -82,7 +82,8 @@ def get_args(argv=None):
                    "(0: never)")
     p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the last one is "
                    "this many minutes old, so a crash loses at most that much (0: never)")
-    p.add_argument("--log-every", type=count, default=10, help="steps between log.jsonl lines")
+    p.add_argument("--log-every", type=count, default=10, help="steps between log.jsonl lines, the checks "
+                   "and Ctrl-C/SIGTERM's checkpoint (the loop reads the device only then)")
     p.add_argument("--workers", type=at_least(0), default=8, help="DataLoader processes per training process")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the "
                    "networks (the loss stays fp32); default: on CUDA only. Faster on a CPU with native bf16 "
@@ -413,6 +414,42 @@ def training_step(model, teacher, optimizer, global_views, local_views, *, lr, m
     return stats
 
 
+# ----------------------------------------------------------------------------- collapse
+
+COLLAPSED_SHARE = 0.25  # under a quarter of the prototypes a batch's global views could reach
+
+
+def collapse_state(row, args):
+    """(share, 'collapsed' or 'healthy'): the share of the prototypes the teacher's predictions reach in
+    a batch, of the most they could (min(K, the process's global views)). A collapsed teacher sends
+    nearly every image to a handful of prototypes, and its targets teach the student nothing."""
+    share = row["prototypes_used"] / min(args.n_prototypes, args.batch_size * args.n_global)
+    return share, "collapsed" if share < COLLAPSED_SHARE else "healthy"
+
+
+def summary(row, args):
+    """The end-of-run line: the end values, and the verdict on collapse."""
+    if row is None:
+        return "no logged step"
+    share, state = collapse_state(row, args)
+    text = (f"teacher predictions on {row['prototypes_used']:.0f} prototypes a batch ({share:.0%} of "
+            f"those reachable), teacher entropy {row['teacher_entropy']:.2f}, student entropy "
+            f"{row['student_entropy']:.2f} of ln K = {math.log(args.n_prototypes):.2f}")
+    if state == "collapsed":
+        text += ("; COLLAPSED: the teacher assigns nearly every image to a few prototypes (--sinkhorn "
+                 "and --projector-bn keep them spread)")
+    return text
+
+
+def last_row(path):
+    """The last training row of a log.jsonl, or None."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if '"loss"' in line]
+    return rows[-1] if rows else None
+
+
 # ----------------------------------------------------------------------------- k-NN probe
 
 def knn_sets(args):
@@ -596,13 +633,16 @@ def train(args, stop):
             if rank == 0:
                 rate = (step - tick_step) * global_batch / (time.time() - tick)
                 reject = rstats["rejected"] / rstats["candidates"] if rstats else 0.0
+                share, state = collapse_state(stats, args)
                 row = dict(step=step, epoch=step / steps_per_epoch, lr=lr, momentum=momentum,
-                           images_per_s=rate, reject_rate=reject, skipped=len(skipped), **stats)
+                           images_per_s=rate, reject_rate=reject, skipped=len(skipped), **stats,
+                           prototype_share=share, state=state)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", ce=f"{stats['cross_entropy']:.3f}",
-                                H=f"{stats['mean_entropy']:.2f}", lr=f"{lr:.1e}", img_s=f"{rate:.0f}",
-                                reject=f"{reject:.0%}")
+                                H=f"{stats['mean_entropy']:.2f}", protos=f"{share:.0%}", lr=f"{lr:.1e}",
+                                img_s=f"{rate:.0f}", reject=f"{reject:.0%}",
+                                **({"state": "COLLAPSED"} if state == "collapsed" else {}))
                 tick, tick_step = time.time(), step
             on_time = args.save_every_min and time.time() - saved_at >= 60 * args.save_every_min
             if epoch_end or by_steps or on_time or stopping:
@@ -624,7 +664,8 @@ def train(args, stop):
     bar.close()
     if rank == 0:
         print(f"done: {total_steps} steps; teacher backbone in {os.path.join(args.out, 'teacher_backbone.pth')}"
-              + (f"; {len(skipped)} unreadable images skipped, listed in {skipped_path}" if skipped else ""))
+              + (f"; {len(skipped)} unreadable images skipped, listed in {skipped_path}" if skipped else "")
+              + f"\nat the end: {summary(last_row(log_path), args)}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1736,6 +1736,25 @@ def test_gpu_checkpoint_restores_the_cuda_rng(tmp_path, image_folder):
     assert torch.equal(torch.cuda.get_rng_state(), ckpt["cuda_rng"])
 
 
+def test_collapse_is_said_for_a_collapsed_run_and_not_for_a_healthy_one(tmp_path, capsys):
+    """Twelve identical gray images: under the paper's literal loss the teacher sends the 24 global
+    views of a batch to 4 or 5 prototypes; with MSN's Sinkhorn and projector BatchNorm to 13-15."""
+    import pretrain
+    for i in range(12):
+        Image.new("RGB", (48, 40), (128, 128, 128)).save(tmp_path / f"{i:02d}.png")
+    runs = {}
+    for name, extra in (("literal", []), ("msn", ["--sinkhorn", "--projector-bn"])):
+        pretrain.main(_tiny_pretrain_args(str(tmp_path), str(tmp_path / name), "--epochs", "4",
+                                          "--batch-size", "12", *extra))
+        rows = [json.loads(l) for l in open(tmp_path / name / "log.jsonl")]
+        runs[name] = rows, capsys.readouterr().out
+    rows, out = runs["literal"]
+    assert rows[-1]["state"] == "collapsed" and rows[-1]["prototype_share"] < 0.25 and "COLLAPSED" in out
+    assert f"teacher predictions on {rows[-1]['prototypes_used']:.0f} prototypes a batch" in out
+    rows, out = runs["msn"]
+    assert all(r["state"] == "healthy" for r in rows) and "COLLAPSED" not in out and "at the end:" in out
+
+
 # ============================================================================= classroom.py
 
 def _replace_function(path, name, reference):

@@ -189,7 +189,8 @@ ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
 
 
 def no_weight_decay(name, param):
-    """Biases, norms, pos_embed and cls_token get no weight decay (DINO, MAE, BEiT)."""
+    """Biases, norms, pos_embed and cls_token get no weight decay (MAE and BEiT, as timm's
+    no_weight_decay; DINO and MSN exempt only biases and norms)."""
     return param.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token")
 
 
