@@ -27,7 +27,7 @@ import torch
 
 import pretrain
 from crops import MultiCrop, normalize
-from data import HelpFormatter
+from data import ArgumentParser, at_least
 from loss import PrototypeLoss, ProjectionHead
 from retrieval import ArcFace, select_batch
 
@@ -208,15 +208,15 @@ def bench_pipeline(args, device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--only", choices=["step", "retrieval", "pipeline"], default=None, help="one section (default: all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if there is "
                    "one")
-    p.add_argument("--batch-size", type=int, default=None, help="images per training step (default: 64 on "
+    p.add_argument("--batch-size", type=at_least(1), default=None, help="images per training step (default: 64 on "
                    "CUDA, §3.3's per-GPU batch; 4 on a CPU)")
-    p.add_argument("--steps", type=int, default=7, help="timed steps (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes in the pipeline section")
+    p.add_argument("--steps", type=at_least(1), default=7, help="timed steps (median)")
+    p.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first")
+    p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader processes in the pipeline section")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast in the "
                    "training steps (default: on CUDA only)")
     p.add_argument("--arcface", default=None, help="an ONNX recogniser for the retrieval section "

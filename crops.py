@@ -10,13 +10,11 @@ solarize), built with torchvision.transforms.v2. Views leave the DataLoader work
 normalised on the training device, a whole batch at once (`normalize`): a quarter of the bytes to pass
 between processes and to the GPU, and no per-view float work in the workers.
 """
-import argparse
-
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torchvision.transforms import v2
 
-from data import HelpFormatter, load_image, to_rgb
+from data import ArgumentParser, at_least, load_image, to_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -122,12 +120,12 @@ def contact_sheet(rows, tile=96, pad=4, boxes=None, captions=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("image", help="a face image")
     p.add_argument("--out", default="views.png", help="the contact sheet (PNG)")
-    p.add_argument("--global-size", type=int, default=224, help="global crop side (§3.2)")
-    p.add_argument("--local-size", type=int, default=96, help="local crop side (§3.2)")
-    p.add_argument("--n-local", type=int, default=8, help="local crops N (unstated; DINO's 8)")
+    p.add_argument("--global-size", type=at_least(1), default=224, help="global crop side (§3.2)")
+    p.add_argument("--local-size", type=at_least(1), default=96, help="local crop side (§3.2)")
+    p.add_argument("--n-local", type=at_least(1), default=8, help="local crops N (unstated; DINO's 8)")
     p.add_argument("--seed", type=int, default=0, help="crop sampling")
     a = p.parse_args()
     img = load_image(a.image)

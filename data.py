@@ -3,7 +3,7 @@
     python data.py ms1m --data-root /datasets     # what is there, how many images, one decoded
 
 - `ImageFolder(path)`: every image under a folder, recursively.
-- `RecordIO(path)`: MS1M as insightface packs it (`train.rec` + `train.idx`, ../shared/FORMATS.md), read in
+- `RecordIO(path)`: MS1M as insightface packs it (`train.rec` + `train.idx`, docs/formats.md), read in
   pure Python with random access through the index; no mxnet.
 - `pretrain_dataset(name_or_path, root)`: `toy` (the built-in toy world, generated on first use), a name
   such as `ms1m` under the data root, or a path; the format is detected from the files.

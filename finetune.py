@@ -495,3 +495,33 @@ def save_atomic_json(obj, path):
 def run_cli(task):
     """Entry point of a task script: bad input is one line on stderr and a non-zero exit."""
     data.run_cli(lambda: main(task))
+
+
+def layer_decay_table(arch="vit_small", layer_decay=0.65, weight_decay=0.05):
+    """(python finetune.py) The lr scale and weight decay of each layer of a ViT with a linear head, as
+    param_groups_layer_decay gives them (§4.1: layer decay 0.65)."""
+    model = torch.nn.Module()
+    model.backbone = ARCHS[arch]()
+    model.head = torch.nn.Linear(model.backbone.embed_dim, 40)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rows = {}
+    for g in param_groups_layer_decay(model, weight_decay, layer_decay):
+        for p in g["params"]:
+            parts = names[id(p)].split(".")
+            layer = ".".join(parts[:3] if parts[1] == "blocks" else parts[:2])
+            rows.setdefault((g["lr_scale"], layer), set()).add(g["weight_decay"])
+    print(f"{arch}, layer decay {layer_decay}, weight decay {weight_decay}: lr = --lr x scale")
+    for (scale, layer), decays in sorted(rows.items(), key=lambda r: r[0][0]):
+        print(f"  {layer:<24} lr scale {scale:.5f}  weight decay {' and '.join(map(str, sorted(decays)))}")
+
+
+def main_table():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§4.1: ViT-S/16)")
+    p.add_argument("--layer-decay", type=fraction, default=0.65, help="§4.1")
+    a = p.parse_args()
+    layer_decay_table(a.arch, a.layer_decay)
+
+
+if __name__ == "__main__":
+    main_table()

@@ -12,7 +12,7 @@ decoded with sub-pixel precision and mapped back to the original image before sc
 Metric: NME normalised by the inter-ocular distance (outer eye corners), in %, per image then averaged;
 failure rate (NME > 10%) and AUC at 10%.
 
-Data (../shared/FORMATS.md): 300W: afw/, helen/{trainset,testset}/, lfpw/{trainset,testset}/, ibug/ with
+Data (docs/formats.md): 300W: afw/, helen/{trainset,testset}/, lfpw/{trainset,testset}/, ibug/ with
 iBUG .pts beside the images. Train on afw + helen/trainset + lfpw/trainset (3,148); test Common =
 helen/testset + lfpw/testset, Challenging = ibug, Full = both. --protocol private trains on all 3,837
 and tests on the 300W private set (01_Indoor, 02_Outdoor). WFLW: WFLW_annotations/ and WFLW_images/;

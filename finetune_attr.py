@@ -8,7 +8,7 @@ Model (§4.1): the cls token of the last layer, layer-normalised (the ViT's fina
 logit per attribute: one Linear(D, A) is exactly A separate linear heads, computed together. Mean
 binary cross-entropy over attributes; metric: mean accuracy over attributes (each one's in results.json).
 
-Data (../shared/FORMATS.md): CelebA's img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt
+Data (docs/formats.md): CelebA's img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt
 (train = partition 0, test = partition 2). LFWA: lfw_att_40.mat + indices_train_test.mat (needs h5py),
 or the same plain-text layout as CelebA. The number of attributes comes from the file header.
 """

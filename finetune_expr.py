@@ -8,7 +8,7 @@ Model (§4.1): the ViT-S/16 whose last linear layer gives 7 (RAF-DB) or 8 (Affec
 normalised cls token; cross-entropy. Metrics: overall accuracy and the mean of the per-class accuracies
 (the paper's "average accuracy from all emotion classes"), per-class accuracies and the confusion matrix.
 
-Data (../shared/FORMATS.md): RAF-DB basic: EmoLabel/list_patition_label.txt + Image/aligned/, labels 1..7.
+Data (docs/formats.md): RAF-DB basic: EmoLabel/list_patition_label.txt + Image/aligned/, labels 1..7.
 AffectNet: Manually_Annotated_file_lists/{training,validation}.csv (header row optional, expressions 0..7
 kept, 8..10 dropped, face box applied to full photos) + Manually_Annotated_Images/; or the image-folder
 layout train/<class>/, val/<class>/.

@@ -164,3 +164,31 @@ def cosine_schedule(step, total_steps, base, final, warmup_steps=0, warmup_start
 def momentum_schedule(step, total_steps, base=0.996):
     """EMA momentum, cosine from 0.996 to 1 (DINO; the paper does not state it)."""
     return cosine_schedule(step, total_steps, base, 1.0)
+
+
+# ----------------------------------------------------------------------------- demo
+
+def main():
+    """Eq. 1-4 on made-up features, a healthy batch beside a collapsed one (python loss.py)."""
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="prints the loss and its statistics for two made-up batches").parse_args()
+    torch.manual_seed(0)
+    criterion = PrototypeLoss(n_prototypes=1024, dim=256)
+    B, M, N, d = 64, 2, 8, 256
+    images = torch.randn(B, 1, d)  # one feature per image; its views are noisy copies of it
+    healthy = images.expand(B, M, d) + 0.3 * torch.randn(B, M, d)
+    collapsed = torch.randn(1, 1, d).expand(B, M, d) + 0.01 * torch.randn(B, M, d)  # every image alike
+    print(f"K = 1024 prototypes, B = {B} images, M = {M} global and N = {N} local views; "
+          f"ln K = {math.log(1024):.3f}")
+    for name, z_teacher in (("healthy", healthy), ("collapsed", collapsed)):
+        z_student = z_teacher[:, :1].expand(B, N, d) + 0.3 * torch.randn(B, N, d)
+        loss, s = criterion(z_teacher, z_student)
+        print(f"{name:>9}: loss {s['loss']:.3f} = cross-entropy {s['cross_entropy']:.3f} - mean entropy "
+              f"{s['mean_entropy']:.3f}; teacher's argmax: {s['prototypes_used']:.0f} distinct "
+              f"prototypes for {B * M} views; entropies: teacher {s['teacher_entropy']:.2f}, student "
+              f"{s['student_entropy']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,8 @@
 
 Per image, M global views go to the teacher and N local views to the student (§1, Fig. 2). With
 --arcface, C candidate local crops are cut and the face-aware retrieval keeps N of them in the training
-step, one recogniser call for the whole batch (see DESIGN: the recogniser is too heavy for CPU workers).
+step, one recogniser call for the whole batch (an ArcFace R50 on an image's 14 crops costs more than
+its ViT-S step: in CPU workers it would starve the GPUs).
 Run the same command again with the same --out and it resumes from the last checkpoint; one made with
 other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) trains on to the next logging
 step, saves and exits; a checkpoint is also written every --save-every-min minutes and every epoch.

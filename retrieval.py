@@ -3,14 +3,13 @@ to the global crops of the same image, displace the rest.
 
     python retrieval.py --arcface w600k_r50.onnx img1.jpg img2.jpg --out figure3.png
 
-`ArcFace` runs any insightface-style recognition model with onnxruntime (../shared/FORMATS.md): one
+`ArcFace` runs any insightface-style recognition model with onnxruntime (docs/formats.md): one
 input (B, 3, H, W) RGB in (x - 127.5) / 127.5, H and W read from the model, output an embedding that we
 L2-normalise. `select` applies the paper's rule with threshold theta = -0.5: a candidate whose cosine
 similarity to the global crops is below theta is dropped, and the N local slots are filled from those
 that pass. The figure draws, per image, its global crops, the uncurated local crops (rejected ones framed
 in red, each with its similarity) and the curated crops that are kept.
 """
-import argparse
 import os
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from data import HelpFormatter, run_cli, to_rgb
+from data import ArgumentParser, at_least, run_cli, to_rgb
 
 
 def onnx_providers(available):
@@ -190,12 +189,12 @@ def figure3(arcface, images, n_local=8, n_candidates=12, threshold=-0.5, seed=0)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("images", nargs="+", help="face images")
     p.add_argument("--arcface", required=True, help="ONNX recognition model (insightface layout)")
     p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below are displaced (§3)")
-    p.add_argument("--n-local", type=int, default=8, help="N local crops")
-    p.add_argument("--n-candidates", type=int, default=12, help="local candidates C per image")
+    p.add_argument("--n-local", type=at_least(1), default=8, help="N local crops")
+    p.add_argument("--n-candidates", type=at_least(1), default=12, help="local candidates C per image")
     p.add_argument("--raw-input", action="store_true", help="the graph normalises inside (old MXNet exports)")
     p.add_argument("--out", default="figure3.png", help="the Fig. 3 sheet (PNG)")
     a = p.parse_args()

@@ -627,7 +627,7 @@ def test_projector_batch_norm_separates_near_identical_features():
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn.modules()) == 2
     # without the option, the layout (and the keys of existing checkpoints) is the paper's 3 linear layers
     assert list(plain.state_dict()) == [f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]
-    # DESIGN.md's stable signature: ProjectionHead(in_dim, out_dim, hidden_dim), the option after it
+    # the documented signature: ProjectionHead(in_dim, out_dim, hidden_dim), the option after it
     positional = ProjectionHead(32, 8, 64)
     assert [m.out_features for m in positional.mlp if isinstance(m, torch.nn.Linear)] == [64, 64, 8]
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in positional.modules())
@@ -1753,6 +1753,18 @@ def test_collapse_is_said_for_a_collapsed_run_and_not_for_a_healthy_one(tmp_path
     assert f"teacher predictions on {rows[-1]['prototypes_used']:.0f} prototypes a batch" in out
     rows, out = runs["msn"]
     assert all(r["state"] == "healthy" for r in rows) and "COLLAPSED" not in out and "at the end:" in out
+
+
+@pytest.mark.slow
+def test_loss_and_finetune_files_run_alone():
+    code, out, err = run_script("loss.py")
+    healthy, collapsed = (l for l in out.splitlines() if "distinct prototypes" in l)
+    distinct = lambda line: int(line.split("argmax: ")[1].split()[0])
+    assert code == 0 and distinct(healthy) > 10 and distinct(collapsed) == 1, out + err
+    code, out, err = run_script("finetune.py")
+    scales = {l.split()[0]: float(l.split("lr scale ")[1].split()[0]) for l in out.splitlines()[1:]}
+    assert code == 0 and scales["backbone.patch_embed"] == pytest.approx(0.65 ** 13, abs=1e-5)
+    assert scales["backbone.blocks.11"] == pytest.approx(0.65) and scales["head.weight"] == 1.0
 
 
 # ============================================================================= classroom.py

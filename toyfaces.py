@@ -6,7 +6,7 @@ paper §3.4 and Fig. 4, which are StyleGAN2's).
 Each identity is a fixed set of traits (face shape, skin, eyes, brows, nose, lips, hair); each image
 varies pose, expression (the 7 RAF-DB classes), accessories, lighting, background clutter and blur.
 The 68 iBUG landmarks come from the same geometry that draws the face. The world is written in the
-real on-disk formats (../shared/FORMATS.md), so the readers of real data read it:
+real on-disk formats (docs/formats.md), so the readers of real data read it:
 
     DIR/ms1m/     train.rec, train.idx, property      insightface RecordIO, identity labels (pretraining)
     DIR/celeba/   img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt   (attributes)
@@ -16,7 +16,6 @@ real on-disk formats (../shared/FORMATS.md), so the readers of real data read it
 
 The same seed gives byte-identical files.
 """
-import argparse
 import io
 import math
 import os
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from data import RECORDIO_MAGIC, HelpFormatter
+from data import RECORDIO_MAGIC, ArgumentParser, at_least
 from loss import cosine_schedule
 
 EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]  # RAF-DB 1..7
@@ -644,13 +643,13 @@ def ensure_world(root, images=DEFAULT_IMAGES, seed=0):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out", default="data/toy", help="output folder")
-    p.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="images in ms1m; celeba gets as many, "
+    p.add_argument("--images", type=at_least(20), default=DEFAULT_IMAGES, help="images in ms1m; celeba gets as many, "
                    "rafdb 3/4, 300w 1/2")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4 cores)")
-    p.add_argument("--recognizer-steps", type=int, default=600, help="training steps of the toy ArcFace")
+    p.add_argument("--workers", type=at_least(1), default=None, help="processes (default: up to 4 cores)")
+    p.add_argument("--recognizer-steps", type=at_least(1), default=600, help="training steps of the toy ArcFace")
     a = p.parse_args()
     write_world(a.out, a.images, a.seed, a.workers, a.recognizer_steps)
     print(f"wrote the toy world to {a.out}")

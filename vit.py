@@ -288,11 +288,11 @@ def load_pretrained(model, path_or_state_dict):
 # ----------------------------------------------------------------------------- python vit.py
 
 def main():
-    from data import HelpFormatter  # here, so that importing vit.py needs torch alone
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    from data import ArgumentParser, at_least, patch_multiple  # here: importing vit.py needs torch alone
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: ViT-S/16)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images in the timed step")
-    parser.add_argument("--img-size", type=int, default=224, help="input side, a multiple of 16")
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="images in the timed step")
+    parser.add_argument("--img-size", type=patch_multiple, default=224, help="input side, a multiple of 16")
     args = parser.parse_args()
     model = ARCHS[args.arch]()
     n = sum(p.numel() for p in model.parameters())
