@@ -11,8 +11,8 @@ loss, predictions and metrics.
 
 Each run's checkpoint and result.json record the settings that made them: a run is resumed or its result
 reused only under the same settings (the console says so), and refused under others. Ctrl-C or SIGTERM
-trains on to the next logging step, saves and exits; a checkpoint is also written every
---save-every-min minutes.
+finishes the step (under torchrun: the next logging step), saves and exits; a checkpoint is also
+written every --save-every-min minutes.
 """
 import argparse
 import hashlib
@@ -75,7 +75,8 @@ def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_si
                    "(0: at the end)")
     p.add_argument("--workers", type=at_least(0), default=4, help="DataLoader processes")
     p.add_argument("--log-every", type=count, default=10, help="steps between progress updates, checks "
-                   "and time-based checkpoints (each a host sync), and at every epoch's end")
+                   "and time-based checkpoints (each a host sync), and at every epoch's end; under "
+                   "torchrun, where Ctrl-C/SIGTERM stop")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast "
                    "(default: on CUDA only); faster on a CPU with native bf16 (AVX512-BF16, AMX), far slower on one "
                    "without (README)")
@@ -342,7 +343,8 @@ def train_one(task, args, train_set, tests, run, ctx):
             bar.update(1)
             pending += names
             mid_epoch = i + 1 < steps_per_epoch  # at an epoch's end, the epoch's evaluation comes first
-            if mid_epoch and (step + 1) % args.log_every:
+            alone_stopping = world == 1 and stop.signum  # one process needs no collective to stop now
+            if mid_epoch and (step + 1) % args.log_every and not alone_stopping:
                 continue  # no host sync between logging steps
             # the same step on every process: one all-reduce for the progress bar and the checks
             loss_value, n_skipped, stopping = all_mean([loss.detach(), len(pending), stop.signum > 0])

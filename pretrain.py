@@ -9,8 +9,9 @@ Per image, M global views go to the teacher and N local views to the student (§
 step, one recogniser call for the whole batch (an ArcFace R50 on an image's 14 crops costs more than
 its ViT-S step: in CPU workers it would starve the GPUs).
 Run the same command again with the same --out and it resumes from the last checkpoint; one made with
-other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) trains on to the next logging
-step, saves and exits; a checkpoint is also written every --save-every-min minutes and every epoch.
+other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finishes the step (under
+torchrun: trains on to the next logging step, where the processes agree), saves and exits; a
+checkpoint is also written every --save-every-min minutes and every epoch.
 
 Outputs in --out: checkpoint.pth (everything to resume, and the settings it was made with),
 teacher_backbone.pth (the teacher ViT, what fine-tuning loads), log.jsonl (one line per logging step),
@@ -83,8 +84,8 @@ def get_args(argv=None):
                    "(0: never)")
     p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the last one is "
                    "this many minutes old, so a crash loses at most that much (0: never)")
-    p.add_argument("--log-every", type=count, default=10, help="steps between log.jsonl lines, the checks "
-                   "and Ctrl-C/SIGTERM's checkpoint (the loop reads the device only then)")
+    p.add_argument("--log-every", type=count, default=10, help="steps between log.jsonl lines and the checks "
+                   "(the loop reads the device only then); under torchrun, where Ctrl-C/SIGTERM stop")
     p.add_argument("--workers", type=at_least(0), default=8, help="DataLoader processes per training process")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the "
                    "networks (the loss stays fp32); default: on CUDA only. Faster on a CPU with native bf16 "
@@ -617,7 +618,8 @@ def train(args, stop):
             pending_skipped += batch["skipped"]
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             by_steps = args.save_every and step % args.save_every == 0
-            if not (step % args.log_every == 0 or epoch_end or by_steps):
+            alone_stopping = world == 1 and stop.signum  # one process needs no collective to stop now
+            if not (step % args.log_every == 0 or epoch_end or by_steps or alone_stopping):
                 continue  # no host sync between logging steps
             # a logging step, the same on every process: one all-reduce for the log and the checks
             keys = ["loss", "cross_entropy", "mean_entropy", "teacher_entropy", "student_entropy",
