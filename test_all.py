@@ -1557,6 +1557,26 @@ def test_sigterm_during_pretraining_saves_and_resumes_to_the_same_weights(tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_in_one_process_stops_after_the_current_step(tmp_path, image_folder, monkeypatch):
+    """Without torchrun no process has to agree: the step in flight is the last, whatever --log-every."""
+    import signal
+    import pretrain
+    real_step = pretrain.training_step
+
+    def step_then_signal(*args, **kwargs):
+        stats = real_step(*args, **kwargs)
+        if len(calls) == 1:  # during the second step of three an epoch: no logging or epoch end
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(1)
+        return stats
+    calls = []
+    monkeypatch.setattr(pretrain, "training_step", step_then_signal)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "run"), "--log-every", "100"))
+    assert e.value.code == 128 + signal.SIGTERM and len(calls) == 2
+    assert torch.load(str(tmp_path / "run" / "checkpoint.pth"), weights_only=True)["step"] == 2
+
+
 def _log_steps(out):
     path = os.path.join(out, "log.jsonl")
     if not os.path.exists(path):
