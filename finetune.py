@@ -35,9 +35,9 @@ import data
 from data import ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals, load_image, \
     patch_multiple
 from loss import cosine_schedule
-from pretrain import (StopRequest, Views, all_mean, check_settings, from_rank_zero, gather_names, load_resume,
-                      read_if_there, restore_rng, rng_state, save_atomic, setup_distributed, stop_exit,
-                      use_bf16, write_lines)
+from pretrain import (StopRequest, Views, all_mean, check_settings, checkpoint_due, from_rank_zero,
+                      gather_names, load_resume, read_if_there, restore_rng, rng_state, save_atomic,
+                      setup_distributed, stop_exit, use_bf16, write_lines)
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 
@@ -245,11 +245,6 @@ def evaluate(task, model, dataset, args, device):
     return metrics, skipped
 
 
-def due(saved_at, args):
-    """Whether the last checkpoint is --save-every-min old."""
-    return bool(args.save_every_min) and time.time() - saved_at >= 60 * args.save_every_min
-
-
 def batch_sizes(args, n_subset, world):
     """(images per process, steps per epoch): a subset smaller than --batch-size is one batch."""
     per_process = min(args.batch_size, n_subset) // world
@@ -355,7 +350,7 @@ def train_one(task, args, train_set, tests, run, ctx):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}; last checkpoint "
                                          f"{ckpt_path}")
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step):.1e}")
-            if mid_epoch and (stopping or due(saved_at, args)):
+            if mid_epoch and (stopping or checkpoint_due(saved_at, args)):
                 save(epoch, i + 1)
                 saved_at = time.time()
             if mid_epoch and stopping:
@@ -369,7 +364,7 @@ def train_one(task, args, train_set, tests, run, ctx):
                 skipped.update(bad)
             history.append(dict(epoch=epoch + 1, **metrics))
             tqdm.write(f"run {run} epoch {epoch + 1}: {task.summary(flatten(metrics))}")
-        if last or stopping or due(saved_at, args):
+        if last or stopping or checkpoint_due(saved_at, args):
             save(epoch + 1, 0)
             saved_at = time.time()
         if stopping and not last:

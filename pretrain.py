@@ -194,6 +194,11 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def checkpoint_due(saved_at, args):
+    """Whether the last checkpoint (written at time saved_at) is --save-every-min old."""
+    return bool(args.save_every_min) and time.time() - saved_at >= 60 * args.save_every_min
+
+
 def stop_exit(signum, step, path):
     """After an interruption's checkpoint: say where it is and how to resume; exit 128 + signal number."""
     if is_rank_zero():
@@ -647,8 +652,7 @@ def train(args, stop):
                                 img_s=f"{rate:.0f}", reject=f"{reject:.0%}",
                                 **({"state": "COLLAPSED"} if state == "collapsed" else {}))
                 tick, tick_step = time.time(), step
-            on_time = args.save_every_min and time.time() - saved_at >= 60 * args.save_every_min
-            if epoch_end or by_steps or on_time or stopping:
+            if epoch_end or by_steps or checkpoint_due(saved_at, args) or stopping:
                 save()
                 saved_at = time.time()
             if stopping:
