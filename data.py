@@ -3,9 +3,9 @@
     python data.py ms1m --data-root /datasets     # what is there, how many images, one decoded
 
 - `ImageFolder(path)`: every image under a folder, recursively.
-- `RecordIO(path)`: MS1M as insightface packs it (`train.rec` + `train.idx`, docs/formats.md), read in
-  pure Python with random access through the index; no mxnet.
-- `pretrain_dataset(name_or_path, root)`: `toy` (the built-in toy world, generated on first use), a name
+- `RecordIO(path)`: MS1M as insightface packs it (`train.rec` + `train.idx`, docs/formats.md),
+  read in pure Python with random access through the index; no mxnet.
+- `pretrain_dataset(name_or_path, root)`: `toy` (the toy world, written by toyfaces.py), a name
   such as `ms1m` under the data root, or a path; the format is detected from the files.
 
 Every dataset yields RGB PIL images, or None for an image that cannot be decoded: the training loop
@@ -27,7 +27,8 @@ RECORDIO_MAGIC = 0xCED7230A
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every default (a None default: its help says it)."""
+    """--help keeps the docstring's layout and shows every default (a None default: its help says
+    it)."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
@@ -52,7 +53,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def at_least(low, kind=int):
-    """argparse type: a number >= low; anything else is the parser's one-line error naming the option."""
+    """argparse type: a number >= low; anything else is the parser's one-line error naming the
+    option."""
     def parse(text):
         try:
             value = kind(text)
@@ -86,17 +88,27 @@ def fraction(text):
     return value
 
 
+def probability(text):
+    """argparse type: a float in [0, 1]."""
+    value = at_least(0.0, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
 def patch_multiple(text):
-    """argparse type: an image side that the ViT's 16 px patches tile (§3.2: 224 -> 14 x 14, 96 -> 6 x 6)."""
+    """argparse type: an image side that the ViT's 16 px patches tile (§3.2: 224 -> 14 x 14, 96 ->
+    6 x 6)."""
     value = at_least(16)(text)
     if value % 16:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 16 (the patch size), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a multiple of 16 (the patch size), got "
+                                         f"{text!r}")
     return value
 
 
 def run_cli(main):
-    """A script's entry point: bad input (a missing file, a wrong format, a diverging run) is one line on
-    stderr and exit status 1, not a traceback; under torchrun rank 0 alone prints it."""
+    """A script's entry point: bad input (a missing file, a wrong format, a diverging run) is one
+    line on stderr and exit status 1, not a traceback; under torchrun rank 0 alone prints it."""
     try:
         main()
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
@@ -104,9 +116,9 @@ def run_cli(main):
 
 
 def ignore_stop_signals(_worker_id=None):
-    """A DataLoader worker's init: Ctrl-C and a cluster's SIGTERM reach every process of the job; the
-    training process handles them (it saves at its next logging step), its workers carry on until it
-    exits."""
+    """A DataLoader worker's init: Ctrl-C and a cluster's SIGTERM reach every process of the job;
+    the training process handles them (it saves at its next logging step), its workers carry on
+    until it exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -117,7 +129,8 @@ def data_root(arg=None):
 
 
 def to_rgb(img):
-    """Any PIL image -> RGB: 16-bit and float images are scaled to 8 bits, transparency composited on gray."""
+    """Any PIL image -> RGB: 16-bit and float images are scaled to 8 bits, transparency composited
+    on gray."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
@@ -137,7 +150,8 @@ def decode(data):
         img = Image.open(io.BytesIO(data))
         img.load()
         return to_rgb(img)
-    except Exception:  # truncated, wrong format, decompression bomb...: skipped and counted by the caller
+    # truncated, wrong format, decompression bomb...: skipped and counted by the caller
+    except Exception:
         return None
 
 
@@ -182,7 +196,8 @@ def read_recordio_record(f, offset, source="train.rec"):
             raise ValueError(f"{source}: truncated record at byte {offset}")
         magic, lrec = struct.unpack("<II", head)
         if magic != RECORDIO_MAGIC:
-            raise ValueError(f"{source}: bad magic 0x{magic:08x} at byte {f.tell() - 8} (expected 0xced7230a)")
+            raise ValueError(f"{source}: bad magic 0x{magic:08x} at byte {f.tell() - 8} (expected "
+                             f"0xced7230a)")
         cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
         parts.append(f.read(length))
         if len(parts[-1]) < length:
@@ -228,14 +243,15 @@ class RecordIO:
         self._close()
 
     def check(self, sample=None):
-        """Raise ValueError when train.idx and train.rec disagree: an offset past the end of the file, or
-        a record (the last 16 by offset and `sample` spread over the rest; all when None) whose magic word
-        or length is wrong. Returns the number of records read."""
+        """Raise ValueError when train.idx and train.rec disagree: an offset past the end of the
+        file, or a record (the last 16 by offset and `sample` spread over the rest; all when None)
+        whose magic word or length is wrong. Returns the number of records read."""
         size = os.path.getsize(self.rec)
         past = sorted(k for k, offset in self.offsets.items() if offset + 8 > size)
         if past:
-            raise ValueError(f"{self.rec}: {len(past)} of the {len(self.offsets)} records of {self.idx} start "
-                             f"past the end of the file ({size} bytes; first key {past[0]}): an incomplete copy?")
+            raise ValueError(f"{self.rec}: {len(past)} of the {len(self.offsets)} records of "
+                             f"{self.idx} start past the end of the file ({size} bytes; first key "
+                             f"{past[0]}): an incomplete copy?")
         keys = sorted(self.offsets, key=self.offsets.get)
         if sample is not None:
             keys = sorted(set(keys[-16:] + keys[::max(1, len(keys) // sample)]))
@@ -243,7 +259,8 @@ class RecordIO:
             try:
                 self._read(key)
             except ValueError as e:
-                raise ValueError(f"{e} (key {key} of {self.idx}): the pack is damaged or the index is not "
+                raise ValueError(f"{e} (key {key} of {self.idx}): the pack is damaged or the "
+                                 f"index is not "
                                  "its own") from None
         return len(keys)
 
@@ -289,12 +306,14 @@ def read_index(idx):
                     key, off = line.split()
                     offsets[int(key)] = int(off)
                 except ValueError:
-                    raise ValueError(f"{idx}:{n}: expected 'KEY<TAB>OFFSET', got {line.strip()!r}") from None
+                    raise ValueError(f"{idx}:{n}: expected 'KEY<TAB>OFFSET', got "
+                                     f"{line.strip()!r}") from None
     return offsets
 
 
 def item_name(dataset, i):
-    """The file or record behind item i of a dataset (through Subsets), for the list of skipped items."""
+    """The file or record behind item i of a dataset (through Subsets), for the list of skipped
+    items."""
     while isinstance(dataset, Subset):
         dataset, i = dataset.dataset, dataset.indices[i]
     return dataset.name(i)
@@ -302,22 +321,24 @@ def item_name(dataset, i):
 
 # ----------------------------------------------------------------------------- by name
 
-LAYOUTS = "a folder with train.rec + train.idx (insightface RecordIO, e.g. MS1M) or a folder of images"
+LAYOUTS = ("a folder with train.rec + train.idx (insightface RecordIO, e.g. MS1M) or a folder of "
+           "images")
 
 
 def pretrain_dataset(name_or_path, root=None):
     """`toy`, a dataset name under the data root (e.g. `ms1m` -> <root>/ms1m), or a path."""
     root = data_root(root)
+    # the toy world's MS1M, written by toyfaces.py (pretrain.py on first use)
     if name_or_path == "toy":
-        import toyfaces  # writer code lives there; the toy world is then read like real data
-        path = os.path.join(toyfaces.ensure_world(root), "ms1m")
+        path = os.path.join(root, "toy", "ms1m")
     elif os.path.exists(name_or_path):
         path = name_or_path
     else:
         path = os.path.join(root, name_or_path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset {name_or_path!r}: {path} does not exist (expected {LAYOUTS}; "
-                                f"set --data-root or $PROS_DATA, or use --data toy)")
+        raise FileNotFoundError(f"dataset {name_or_path!r}: {path} does not exist (expected "
+                                f"{LAYOUTS}; set --data-root or $PROS_DATA; python toyfaces.py "
+                                f"writes the toy world)")
     if path.endswith(".rec") or os.path.isfile(os.path.join(path, "train.rec")):
         return RecordIO(path)
     if os.path.isdir(path):
@@ -329,14 +350,15 @@ def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("data", help="toy, a name under the data root (ms1m), or a path")
     p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
-    p.add_argument("--check-all", action="store_true", help="RecordIO: read every record's framing, not a "
-                   "sample (a full pass over the file)")
+    p.add_argument("--check-all", action="store_true", help="RecordIO: read every record's "
+                   "framing, not a sample (a full pass over the file)")
     a = p.parse_args()
     ds = pretrain_dataset(a.data, a.data_root)
     if isinstance(ds, RecordIO) and a.check_all:
         print(f"{ds.rec}: all {ds.check()} records read back")
     img = ds[0]
-    print(f"{type(ds).__name__}: {len(ds)} images; the first is {img.size if img else 'unreadable'}")
+    print(f"{type(ds).__name__}: {len(ds)} images; the first is "
+          f"{img.size if img else 'unreadable'}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The paper's pictures from a pretraining run (§4.4-4.5), each a PNG, each a subcommand.
 
-    python figures.py fig3 --arcface data/toy/arcface.onnx                  # Fig. 3: uncurated vs curated crops
-    python figures.py fig5 --checkpoint runs/pretrain/checkpoint.pth        # Fig. 5: prototypes in 2-D
-    python figures.py fig6 --checkpoint runs/pretrain/teacher_backbone.pth [--finetuned attr.pth expr.pth]
-    python figures.py curves --log runs/pretrain/log.jsonl                  # training curves
-    python figures.py table --dir runs/repro                                # the results table of reproduce.sh
+    python figures.py fig3 --arcface data/toy/arcface.onnx            # Fig. 3: uncurated vs curated
+    python figures.py fig5 --checkpoint runs/pretrain/checkpoint.pth  # Fig. 5: prototypes in 2-D
+    python figures.py fig6 --checkpoint runs/pretrain/teacher_backbone.pth --finetuned a.pth b.pth
+    python figures.py curves --log runs/pretrain/log.jsonl            # training curves
+    python figures.py table --dir runs/repro                          # reproduce.sh's table
 
-Images default to a few of the toy world's; pass --images to use your own. matplotlib is imported here
-only, for the curves and the 2-D prototype layout.
+Images default to a few of the toy world's; pass --images to use your own. matplotlib is imported
+here only, for the curves and the 2-D prototype layout.
 """
 import argparse
 import json
@@ -26,7 +26,8 @@ from retrieval import ArcFace, figure3
 
 
 def default_images(args, split="celeba", n=6):
-    """--images, or the first n test images of the toy world's CelebA layout (MS1M-style for 'ms1m')."""
+    """--images, or the first n test images of the toy world's CelebA layout (MS1M-style for
+    'ms1m')."""
     if args.images:
         return args.images
     import toyfaces
@@ -59,16 +60,19 @@ def preprocess(img, size):
 
 def fig3(args):
     images = [as_image(x) for x in default_images(args, "ms1m", args.n)]
-    return figure3(ArcFace(args.arcface), images, args.n_local, args.n_candidates, args.face_threshold, args.seed)
+    return figure3(ArcFace(args.arcface), images, args.n_local, args.n_candidates,
+                   args.face_threshold, args.seed)
 
 
 # ----------------------------------------------------------------------------- Figure 5
 
 def layout_2d(points):
-    """(K, d) -> (K, 2): t-SNE when scikit-learn is installed, else PCA; returns (xy, method name)."""
+    """(K, d) -> (K, 2): t-SNE when scikit-learn is installed, else PCA; returns (xy, method
+    name)."""
     try:
         from sklearn.manifold import TSNE
-        return TSNE(2, init="pca", perplexity=min(30, len(points) - 1), random_state=0).fit_transform(points), "t-SNE"
+        return TSNE(2, init="pca", perplexity=min(30, len(points) - 1),
+                    random_state=0).fit_transform(points), "t-SNE"
     except ImportError:
         centred = points - points.mean(0)
         _, _, v = np.linalg.svd(centred, full_matrices=False)
@@ -80,7 +84,8 @@ def fig5(args):
     """Each prototype drawn at its 2-D position as its nearest training image (teacher features)."""
     ckpt = vit.read_checkpoint(args.checkpoint)
     if not (isinstance(ckpt, dict) and {"args", "student", "teacher"} <= ckpt.keys()):
-        raise ValueError(f"{args.checkpoint}: not pretrain.py's checkpoint.pth (Fig. 5 needs its prototypes and "
+        raise ValueError(f"{args.checkpoint}: not pretrain.py's checkpoint.pth (Fig. 5 needs its "
+                         f"prototypes and "
                          "projector; teacher_backbone.pth holds the ViT alone)")
     run_args = ckpt["args"]
     backbone = vit.ARCHS[run_args["arch"]]()
@@ -88,14 +93,21 @@ def fig5(args):
     from loss import ProjectionHead
     head = ProjectionHead(backbone.embed_dim, run_args["out_dim"],
                           batch_norm=run_args.get("projector_bn", False)).eval()
-    head.load_state_dict({k[len("head."):]: v for k, v in ckpt["teacher"].items() if k.startswith("head.")})
+    head.load_state_dict({k[len("head."):]: v for k, v in ckpt["teacher"].items()
+                          if k.startswith("head.")})
     prototypes = F.normalize(ckpt["student"]["criterion.prototypes"].float(), dim=-1)
-    images = data.pretrain_dataset(args.data or run_args["data"], args.data_root or run_args["data_root"])
+    images = data.pretrain_dataset(args.data or run_args["data"], args.data_root
+                                   or run_args["data_root"])
     picks = range(0, len(images), max(1, len(images) // args.n_images))
-    pool = [img for img in map(images.__getitem__, picks) if img is not None]  # each image decoded once
+    # each image decoded once
+    pool = [img for img in map(images.__getitem__, picks) if img is not None]
     size = run_args["global_size"]
-    feats = torch.cat([F.normalize(head(backbone.eval()(torch.stack([preprocess(im, size) for im in pool[i:i + 64]]))),
-                                   dim=-1) for i in range(0, len(pool), 64)])
+    backbone.eval()
+    feats = []
+    for i in range(0, len(pool), 64):
+        batch = torch.stack([preprocess(im, size) for im in pool[i:i + 64]])
+        feats.append(F.normalize(head(backbone(batch)), dim=-1))
+    feats = torch.cat(feats)
     sim = prototypes @ feats.T  # (K, n)
     used = sim.argmax(0).unique()  # prototypes that are some image's best match: the ones in use
     nearest = sim.argmax(1)  # each prototype's nearest training image (§4.4)
@@ -105,7 +117,8 @@ def fig5(args):
     out = Image.new("RGB", (canvas, canvas + 20), (255, 255, 255))
     for (x, y), j in zip(xy, nearest.tolist()):
         out.paste(pool[j].resize((tile, tile)), (int(x), int(y) + 20))
-    ImageDraw.Draw(out).text((4, 4), f"{len(used)} of {len(prototypes)} prototypes in use, {method}", fill=(0, 0, 0))
+    ImageDraw.Draw(out).text((4, 4), f"{len(used)} of {len(prototypes)} prototypes in use, "
+                             f"{method}", fill=(0, 0, 0))
     print(f"fig5: {len(used)} prototypes used by {len(pool)} images; layout by {method}")
     return out
 
@@ -114,31 +127,37 @@ def fig5(args):
 
 def heat_overlay(img, heat):
     """img PIL, heat (h, w) in [0, 1] -> the image blended with a red-yellow heat-map."""
-    h = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(img.size, Image.BICUBIC)) / 255.0
+    heat = Image.fromarray((heat * 255).astype(np.uint8)).resize(img.size, Image.BICUBIC)
+    h = np.asarray(heat) / 255.0
     colour = np.stack([np.ones_like(h), h, np.zeros_like(h)], -1) * 255
     base = np.asarray(img.convert("RGB"), np.float64)
-    return Image.fromarray((base * (1 - 0.6 * h[..., None]) + colour * 0.6 * h[..., None]).astype(np.uint8))
+    h = h[..., None]
+    return Image.fromarray((base * (1 - 0.6 * h) + colour * 0.6 * h).astype(np.uint8))
 
 
 @torch.no_grad()
 def attention_maps(model, images):
-    """Per image (RGB, already at the model's input size), the last layer's cls attention of every head, each
-    overlaid on the image."""
+    """Per image (RGB, already at the model's input size), the last layer's cls attention of every
+    head, each overlaid on the image."""
     maps = []
     for img in images:
-        att = model.get_last_selfattention(preprocess(img, img.width)[None])[0, :, 0, 1:]  # (heads, patches)
+        # (heads, patches)
+        att = model.get_last_selfattention(preprocess(img, img.width)[None])[0, :, 0, 1:]
         side = img.width // model.patch_size
         att = att.view(-1, side, side)
-        att = (att - att.amin((1, 2), keepdim=True)) / (att.amax((1, 2), keepdim=True) - att.amin((1, 2), keepdim=True) + 1e-9)
+        low, high = att.amin((1, 2), keepdim=True), att.amax((1, 2), keepdim=True)
+        att = (att - low) / (high - low + 1e-9)
         maps.append([heat_overlay(img, a.numpy()) for a in att])
     return maps
 
 
 def fig6(args):
-    """Attention heat-maps of the last block per head, one row per image: the image, then the heads of (a) the
-    pretrained teacher and of each fine-tuned model, (b), (c), ... (the paper's CelebA and RAF-DB), a blank
-    column between two models. The first row's tiles are captioned with the model's letter and the head."""
-    images = [as_image(p).convert("RGB").resize((args.size, args.size)) for p in default_images(args, "celeba", args.n)]
+    """Attention heat-maps of the last block per head, one row per image: the image, then the heads
+    of (a) the pretrained teacher and of each fine-tuned model, (b), (c), ... (the paper's CelebA
+    and RAF-DB), a blank column between two models. The first row's tiles are captioned with the
+    model's letter and the head."""
+    images = [as_image(p).convert("RGB").resize((args.size, args.size))
+              for p in default_images(args, "celeba", args.n)]
     rows = [[img] for img in images]
     header = [None]
     for i, path in enumerate([args.checkpoint] + (args.finetuned or [])):
@@ -157,7 +176,7 @@ def fig6(args):
 # ----------------------------------------------------------------------------- curves
 
 def curves(args):
-    """Loss, cross-entropy, mean entropy, reject rate (and k-NN accuracies when logged) against the step."""
+    """Loss, cross-entropy, mean entropy and reject rate against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -168,7 +187,7 @@ def curves(args):
                 log.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut short when a run was killed mid-write
                 unreadable += 1
-    keys = [k for k in ("loss", "cross_entropy", "mean_entropy", "reject_rate", "knn_attr", "knn_expr")
+    keys = [k for k in ("loss", "cross_entropy", "mean_entropy", "reject_rate")
             if any(k in r for r in log)]
     if not keys:
         raise ValueError(f"{args.log}: no training rows (expected pretrain.py's log.jsonl)")
@@ -177,7 +196,7 @@ def curves(args):
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
     for ax, k in zip(np.atleast_1d(axes), keys):
         pts = [(r["step"], r[k]) for r in log if k in r]
-        ax.plot(*zip(*pts), marker="o" if k.startswith("knn") else None, markersize=3)
+        ax.plot(*zip(*pts))
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -193,8 +212,8 @@ TASKS = {"attr": ("test/mean_accuracy", "attributes, mean accuracy %"),
 
 
 def table(args):
-    """A markdown table from <dir>/<task>-<init>-<frac>/results.json: mean (std) of each task's metric
-    over the runs, one row per task and label fraction, one column per initialisation."""
+    """A markdown table from <dir>/<task>-<init>-<frac>/results.json: mean (std) of each task's
+    metric over the runs, one row per task and label fraction, one column per initialisation."""
     found = {}
     for name in sorted(os.listdir(args.dir)):
         path = os.path.join(args.dir, name, "results.json")
@@ -208,13 +227,16 @@ def table(args):
     if not found:
         raise FileNotFoundError(f"{args.dir}: no <task>-<init>-<frac>/results.json")
     inits = [i for i in args.inits if any(k[1] == i for k in found)]
-    lines = ["| task | labels | train images | " + " | ".join(inits) + " |", "|---" * (3 + len(inits)) + "|"]
-    for task, frac in sorted({(t, f) for t, _, f in found}, key=lambda k: (list(TASKS).index(k[0]), k[1])):
+    lines = ["| task | labels | train images | " + " | ".join(inits) + " |",
+             "|---" * (3 + len(inits)) + "|"]
+    for task, frac in sorted({(t, f) for t, _, f in found},
+                             key=lambda k: (list(TASKS).index(k[0]), k[1])):
         metric, label = TASKS[task]
         cells = []
         for init in inits:
             r = found.get((task, init, frac))
-            cells.append(f"{r['mean'][metric]:.2f} ({r['std'][metric]:.2f}, {len(r['runs'])} runs)" if r else "")
+            cells.append(f"{r['mean'][metric]:.2f} ({r['std'][metric]:.2f}, {len(r['runs'])} runs)"
+                         if r else "")
         n = next(r["n_train"] for (t, _, f), r in found.items() if (t, f) == (task, frac))
         lines.append(f"| {label} | {frac:.0%} | {n} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
@@ -228,11 +250,14 @@ def main(argv=None):
     sub = p.add_subparsers(dest="figure", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", default=None, help="PNG to write (default: <figure>.png)")
-    common.add_argument("--images", nargs="*", default=None, help="image files (default: from the toy world)")
+    common.add_argument("--images", nargs="*", default=None, help="image files (default: from the "
+                        "toy world)")
     common.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
     common.add_argument("--n", type=data.at_least(1), default=4, help="how many images")
     common.add_argument("--seed", type=int, default=0, help="random crops (fig3)")
-    add = lambda name, text: sub.add_parser(name, parents=[common], help=text)
+
+    def add(name, text):
+        return sub.add_parser(name, parents=[common], help=text)
     f3 = add("fig3", "uncurated vs curated local crops (Fig. 3)")
     f3.add_argument("--arcface", required=True, help="ONNX recogniser")
     f3.add_argument("--face-threshold", type=float, default=-0.5, help="theta (§3)")
@@ -241,22 +266,30 @@ def main(argv=None):
     f5 = add("fig5", "prototypes in 2-D with their nearest images (Fig. 5)")
     f5.add_argument("--checkpoint", required=True, help="pretrain.py's checkpoint.pth")
     f5.add_argument("--data", default=None, help="training images (default: the run's --data)")
-    f5.add_argument("--n-images", type=data.at_least(1), default=1000, help="training images searched for neighbours")
-    f5.add_argument("--canvas", type=data.at_least(32), default=900, help="side of the picture in pixels")
+    f5.add_argument("--n-images", type=data.at_least(1), default=1000, help="training images "
+                    "searched for neighbours")
+    f5.add_argument("--canvas", type=data.at_least(32), default=900, help="side of the picture in "
+                    "pixels")
     f6 = add("fig6", "last-layer attention per head (Fig. 6)")
-    f6.add_argument("--checkpoint", required=True, help="the pretrained teacher (any vit.load_pretrained input)")
-    f6.add_argument("--finetuned", nargs="+", default=None, help="fine-tuned models' checkpoints, drawn to "
-                    "the right of the pretrained one as (b), (c), ... (Fig. 6: CelebA, then RAF-DB)")
-    f6.add_argument("--arch", default="vit_small", choices=vit.ARCHS, help="backbone of both checkpoints")
+    f6.add_argument("--checkpoint", required=True, help="the pretrained teacher (any "
+                    "vit.load_pretrained input)")
+    f6.add_argument("--finetuned", nargs="+", default=None, help="fine-tuned models' checkpoints, "
+                    "drawn to the right of the pretrained one as (b), (c), ... (Fig. 6: CelebA, "
+                    "then RAF-DB)")
+    f6.add_argument("--arch", default="vit_small", choices=vit.ARCHS, help="backbone of both "
+                    "checkpoints")
     f6.add_argument("--size", type=data.patch_multiple, default=224, help="input side")
     fc = add("curves", "training curves from log.jsonl")
     fc.add_argument("--log", required=True, help="pretrain.py's log.jsonl")
     ft = add("table", "markdown table of fine-tuning results (reproduce.sh)")
     ft.add_argument("--dir", required=True, help="folder of <task>-<init>-<frac>/results.json")
-    ft.add_argument("--inits", nargs="+", default=["random", "pros", "pros_noretrieval"], help="column order")
+    ft.add_argument("--inits", nargs="+", default=["random", "pros", "pros_noretrieval"],
+                    help="column order")
     args = p.parse_args(argv)
-    args.out = args.out or (os.path.join(args.dir, "table.md") if args.figure == "table" else f"{args.figure}.png")
-    picture = {"fig3": fig3, "fig5": fig5, "fig6": fig6, "curves": curves, "table": table}[args.figure](args)
+    args.out = args.out or (os.path.join(args.dir, "table.md")
+                            if args.figure == "table" else f"{args.figure}.png")
+    picture = {"fig3": fig3, "fig5": fig5, "fig6": fig6, "curves": curves,
+               "table": table}[args.figure](args)
     if picture is not None:
         picture.save(args.out)
     print(f"wrote {args.out}")

@@ -1,20 +1,22 @@
-"""The fine-tuning recipe shared by the three downstream tasks (paper §4.1); the task scripts run it.
+"""The fine-tuning recipe shared by the three downstream tasks (paper §4.1); the task scripts run
+it.
 
-    python finetune_attr.py --dataset toy --init runs/pretrain/teacher_backbone.pth --frac 0.01 --runs 5
+    python finetune_attr.py --init runs/pretrain/teacher_backbone.pth --frac 0.01
 
-What every task shares (and only that): the backbone from --init (random, ours, DINO, DeiT/timm, MAE, MSN:
-Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen backbone), AdamW
-with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs (--runs: mean and std over seeds;
-§4.3 averages five), batched evaluation on the test split, results.json, DDP under
-torchrun, bf16 autocast (--bf16: on CUDA by default), checkpoint + resume. A task supplies its data, head,
-loss, predictions and metrics.
+What every task shares (and only that): the backbone from --init (random, ours, DINO, DeiT/timm,
+MAE, MSN: Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen
+backbone), AdamW with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs
+(--runs: mean and std over seeds; §4.3 averages five), batched evaluation on the test split,
+results.json, DDP under torchrun, bf16 autocast (--bf16: on CUDA by default), checkpoint + resume.
+A task supplies its data, head, loss, predictions and metrics.
 
-Each run's checkpoint and result.json record the settings that made them: a run is resumed or its result
-reused only under the same settings (the console says so), and refused under others. Ctrl-C or SIGTERM
-finishes the step (under torchrun: the next logging step), saves and exits; a checkpoint is also
-written every --save-every-min minutes.
+Each run's checkpoint and result.json record the settings that made them: a run is resumed or its
+result reused only under the same settings (the console says so), and refused under others. Ctrl-C
+or SIGTERM finishes the step (under torchrun: the next logging step), saves and exits; a checkpoint
+is also written every --save-every-min minutes.
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -30,60 +32,81 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from crops import normalize
+from crops import IMAGENET_MEAN, IMAGENET_STD, normalize
 import data
-from data import ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals, load_image, \
-    patch_multiple
-from loss import cosine_schedule
+from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals,
+                  load_image, patch_multiple, probability)
+from loss import cosine_schedule, ema_update
 from pretrain import (StopRequest, Views, all_mean, check_settings, checkpoint_due, from_rank_zero,
                       gather_names, load_resume, read_if_there, restore_rng, rng_state, save_atomic,
                       setup_distributed, stop_exit, use_bf16, write_lines)
 from vit import ARCHS, load_pretrained, no_weight_decay
 
+BICUBIC = v2.InterpolationMode.BICUBIC
 
-def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_size=256, notes=None):
-    """The flags every task script has; the defaults passed in are the paper's for that task, `notes`
-    replaces a flag's help text where a task must explain its default."""
+
+def add_common_args(p, datasets, defaults, notes=None):
+    """The flags every task script has. `defaults` holds the task's lr, weight_decay, layer_decay,
+    epochs, batch_size and warmup_epochs (a value None is set per dataset by the task); `notes` give
+    those flags' help, naming each default's source."""
     notes = notes or {}
     count, nonneg = at_least(1), at_least(0.0, float)
     p.add_argument("--dataset", default=datasets[0], choices=datasets)
     p.add_argument("--data", default=None, help="dataset folder (default: <data root>/<dataset>)")
     p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
-    p.add_argument("--init", default="random", help="'random' or a checkpoint: ours (teacher_backbone.pth or "
-                   "checkpoint.pth), DINO, DeiT/timm, MAE, MSN")
-    p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (paper: vit_small; MAE: vit_base)")
-    p.add_argument("--frac", type=fraction, default=1.0, help="few-shot: keep floor(frac * n_train) training "
-                   "images")
-    p.add_argument("--runs", type=count, default=1, help="repeat with seeds seed..seed+runs-1: mean and std "
-                   "(§4.3 reports the average of five runs)")
+    p.add_argument("--init", default="random", help="'random' or a checkpoint: ours "
+                   "(teacher_backbone.pth or checkpoint.pth), DINO, DeiT/timm, MAE, MSN")
+    p.add_argument("--arch", default="vit_small", choices=ARCHS,
+                   help="backbone (§4.1: vit_small; MAE: vit_base)")
+    subset = p.add_mutually_exclusive_group()
+    subset.add_argument("--frac", type=fraction, default=1.0,
+                        help="few-shot: keep floor(frac * n_train) training images (Tables 2-4)")
+    subset.add_argument("--n-train", type=count, default=None, help="few-shot: keep exactly this "
+                        "many (the authors' --num_samples: 3255 1627 843 325 on CelebA)")
+    p.add_argument("--runs", type=count, default=5, help="repeat with seeds seed..seed+runs-1, "
+                   "report mean and std (§4.3: the average of five runs)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
-    p.add_argument("--head-only", action="store_true", help="freeze the backbone, train the head (linear probe)")
-    p.add_argument("--epochs", type=count, default=epochs, help=notes.get("epochs", "training epochs"))
-    p.add_argument("--batch-size", type=count, default=batch_size, help="global batch, split over processes; "
-                   "a training subset smaller than it is one batch")
-    p.add_argument("--lr", type=above(0.0), default=lr, help=notes.get("lr", "") + " the lr for a global batch "
-                   "of 256, scaled by the real global batch / 256 (the linear scaling rule)")
-    p.add_argument("--min-lr", type=nonneg, default=0.0, help="the lr decays to this (paper: to zero)")
-    p.add_argument("--weight-decay", type=nonneg, default=weight_decay, help=notes.get("weight_decay", "AdamW; "
-                   "none on biases, norms, pos_embed, cls_token"))
-    p.add_argument("--layer-decay", type=fraction, default=layer_decay, help=notes.get("layer_decay", "") +
-                   " block i of L gets lr * layer_decay^(L+1-i); the head gets lr")
-    p.add_argument("--warmup-epochs", type=nonneg, default=5, help="linear warmup (unstated; MAE's 5)")
-    p.add_argument("--drop-path", type=nonneg, default=0.1, help="stochastic depth (unstated; MAE's 0.1)")
-    p.add_argument("--img-size", type=patch_multiple, default=224, help="inputs are resized to this (§4.3: 224)")
-    p.add_argument("--eval-every", type=at_least(0), default=0, help="also evaluate every this many epochs "
-                   "(0: at the end)")
+    p.add_argument("--head-only", action="store_true",
+                   help="freeze the backbone, train the head (§4.1's head-only fine-tuning)")
+    p.add_argument("--epochs", type=count, default=defaults["epochs"], help=notes["epochs"])
+    p.add_argument("--batch-size", type=count, default=defaults["batch_size"],
+                   help=notes["batch_size"] + "; global, split over processes; a training "
+                   "subset smaller than it is one batch")
+    p.add_argument("--lr", type=above(0.0), default=defaults["lr"], help=notes["lr"])
+    p.add_argument("--min-lr", type=nonneg, default=0.0, help="the lr decays to this (§4.1: to "
+                   "zero)")
+    p.add_argument("--weight-decay", type=nonneg, default=defaults["weight_decay"],
+                   help=notes["weight_decay"] + "; none on biases, norms, pos_embed, cls_token "
+                   "(MAE)")
+    p.add_argument("--layer-decay", type=fraction, default=defaults["layer_decay"],
+                   help=notes["layer_decay"] + "; block i of L gets lr * layer_decay^(L+1-i)")
+    p.add_argument("--warmup-epochs", type=nonneg, default=defaults["warmup_epochs"],
+                   help=notes["warmup_epochs"])
+    p.add_argument("--drop-path", type=nonneg, default=0.1,
+                   help="stochastic depth (authors' run_celeba.sh, run_rafdb.sh)")
+    p.add_argument("--img-size", type=patch_multiple, default=224,
+                   help="input side (§4.3: 224)")
+    p.add_argument("--eval-every", type=at_least(0), default=0,
+                   help="also evaluate every this many epochs (0: at the end)")
     p.add_argument("--workers", type=at_least(0), default=4, help="DataLoader processes")
-    p.add_argument("--log-every", type=count, default=10, help="steps between progress updates, checks "
-                   "and time-based checkpoints (each a host sync), and at every epoch's end; under "
-                   "torchrun, where Ctrl-C/SIGTERM stop")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast "
-                   "(default: on CUDA only); faster on a CPU with native bf16 (AVX512-BF16, AMX), far slower on one "
-                   "without (README)")
-    p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the last one is "
-                   "this many minutes old, so a crash loses at most that much (0: at the end only)")
+    p.add_argument("--log-every", type=count, default=10, help="steps between progress updates, "
+                   "checks and time-based checkpoints (each a host sync); under torchrun, where "
+                   "Ctrl-C/SIGTERM stop")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA only); faster on a CPU with native bf16 "
+                   "(AVX512-BF16, AMX), far slower on one without")
+    p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the "
+                   "last one is this many minutes old (0: at the end only)")
     p.add_argument("--out", default=None, help="results.json and checkpoints (default: "
-                   "runs/<dataset>/<task>-<init>-<frac>, e.g. runs/toy/attr-random-0.1)")
+                   "runs/<dataset>/<task>-<init>-<frac or nN>, e.g. runs/toy/attr-random-0.1)")
+
+
+def set_dataset_defaults(args, recipes):
+    """Fill the flags left None with the dataset's value from the task's `recipes`
+    ({dataset: {flag: value}}); an explicit flag wins."""
+    for key, value in recipes[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 # ----------------------------------------------------------------------------- data
@@ -91,9 +114,9 @@ def add_common_args(p, datasets, lr, weight_decay, layer_decay, epochs, batch_si
 class LabelledImages(torch.utils.data.Dataset):
     """(path, target) items -> transform(image, target); an unreadable image gives None (skipped).
 
-    An item may carry a face box (path, target, (x0, y0, x1, y1)): the image is cropped to it when the
-    box lies inside the image (a full photo); an image smaller than its box is taken to be a face crop
-    already and used whole.
+    An item may carry a face box (path, target, (x0, y0, x1, y1)): the image is cropped to it when
+    the box lies inside the image (a full photo); an image smaller than its box is taken to be a
+    face crop already and used whole.
     """
 
     def __init__(self, items, transform):
@@ -119,38 +142,89 @@ class LabelledImages(torch.utils.data.Dataset):
         return self.items[i][0]
 
 
-def image_transform(img_size, train):
-    """Attributes and expressions: resize to img_size (§4.3), random flip for training. uint8 out: the
-    images are normalised on the device, a batch at once (crops.normalize)."""
-    t = v2.Compose([v2.PILToTensor(), v2.Resize((img_size, img_size), antialias=True)]
-                   + ([v2.RandomHorizontalFlip()] if train else []))
+def add_augmentation_args(p):
+    """The training augmentation's flags (attributes and expressions), as MAE's --scale, --aa and
+    --reprob."""
+    p.add_argument("--min-crop", type=fraction, default=0.08, help="random resized crops keep "
+                   "this share of the image at least (timm's default, which the authors ran)")
+    p.add_argument("--randaug", action=argparse.BooleanOptionalAction, default=True,
+                   help="RandAugment, 2 ops at magnitude 9 of 10 (the authors' rand-m9-mstd0.5)")
+    p.add_argument("--erasing", type=probability, default=0.25,
+                   help="random erasing probability (authors' scripts)")
+
+
+def train_transform(args):
+    """The authors' training augmentation for attributes and expressions (MAE's fine-tuning, through
+    timm's create_transform): random resized crop (bicubic), horizontal flip, RandAugment at
+    magnitude 9 of 10, 2 ops (timm's rand-m9-mstd0.5-inc1, without its magnitude noise), random
+    erasing. uint8 out: images are normalised on the device, a batch at once."""
+    t = v2.Compose([v2.PILToTensor(),
+                    v2.RandomResizedCrop(args.img_size, scale=(args.min_crop, 1.0),
+                                         interpolation=BICUBIC, antialias=True),
+                    v2.RandomHorizontalFlip()]
+                   + ([v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11)]
+                      if args.randaug else []))
+    erasing = args.erasing
+    return lambda img, target: (random_erasing(t(img), erasing), target)
+
+
+def eval_transform(img_size):
+    """Resize the short side to img_size / 0.875 (256 for 224, bicubic), centre crop (MAE's
+    eval)."""
+    t = v2.Compose([v2.PILToTensor(), v2.Resize(int(img_size / 0.875), interpolation=BICUBIC,
+                                                antialias=True), v2.CenterCrop(img_size)])
     return lambda img, target: (t(img), target)
 
 
+def random_erasing(img, p, attempts=10):
+    """timm's RandomErasing (mode 'pixel', one box) on a uint8 image (3, H, W): with probability p,
+    a box of 2% to 1/3 of the image, aspect ratio log-uniform in [0.3, 1/0.3], filled with per-pixel
+    noise. timm draws N(0, 1) after normalisation; here mean + std * N(0, 1) in pixel values."""
+    if torch.rand(()) >= p:
+        return img
+    _, H, W = img.shape
+    for _ in range(attempts):
+        area = H * W * torch.empty(()).uniform_(0.02, 1 / 3).item()
+        ratio = math.exp(torch.empty(()).uniform_(math.log(0.3), math.log(1 / 0.3)).item())
+        h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if h < H and w < W:
+            top = torch.randint(0, H - h + 1, ()).item()
+            left = torch.randint(0, W - w + 1, ()).item()
+            mean, std = torch.tensor(IMAGENET_MEAN)[:, None,
+                                                    None], torch.tensor(IMAGENET_STD)[:, None, None]
+            noise = ((mean + std * torch.randn(3, h, w)) * 255).round().clamp(0, 255)
+            return v2.functional.erase(img, top, left, h, w, noise.to(torch.uint8))
+    return img
+
+
 def collate(samples):
-    """Stack the readable samples; the unreadable ones, given by their names (pretrain.Views), ride along."""
+    """Stack the readable samples; the unreadable ones, given by their names (pretrain.Views), ride
+    along."""
     ok = [s for s in samples if not isinstance(s, str)]
     images = torch.stack([s[0] for s in ok]) if ok else None
     targets = torch.stack([torch.as_tensor(s[1]) for s in ok]) if ok else None
     return images, targets, [s for s in samples if isinstance(s, str)]
 
 
-def few_shot_indices(n_train, frac, seed):
-    """A random subset of exactly floor(frac * n_train) training indices, chosen by `seed`."""
-    k = int(math.floor(frac * n_train + 1e-9))
+def few_shot_indices(n_train, frac, seed, count=None):
+    """A random subset of the training indices, chosen by `seed`: exactly `count` of them, or
+    floor(frac * n_train)."""
+    k = count if count is not None else int(math.floor(frac * n_train + 1e-9))
     if not 0 < k <= n_train:
-        raise ValueError(f"--frac {frac} of {n_train} training images keeps {k}: need 1..{n_train}")
+        what = f"--n-train {count}" if count is not None else f"--frac {frac}"
+        raise ValueError(f"{what} of {n_train} training images keeps {k}: need 1..{n_train}")
     g = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(n_train, generator=g)[:k].tolist())
 
 
 class EpochSampler(torch.utils.data.Sampler):
     """epoch_indices() as a sampler, so one DataLoader (and its workers) serves every epoch:
-    set_epoch(e, start) starts epoch e at its sample `start` (a resumed run). It yields epoch * n + i
-    for item i, the index that pretrain.Views seeds each sample's augmentation from."""
+    set_epoch(e, start) starts epoch e at its sample `start` (a resumed run). It yields epoch * n +
+    i for item i, the index that pretrain.Views seeds each sample's augmentation from."""
 
     def __init__(self, n, count, seed, rank, world, weights=None):
-        self.n, self.count, self.seed, self.rank, self.world, self.weights = n, count, seed, rank, world, weights
+        self.n, self.count, self.seed, self.rank, self.world = n, count, seed, rank, world
+        self.weights = weights
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -183,10 +257,11 @@ def build_backbone(args):
 
 
 def param_groups_layer_decay(model, weight_decay, layer_decay, backbone_lr_scale=1.0):
-    """AdamW groups with an `lr_scale`: the embeddings (patch_embed, cls_token, pos_embed) are layer 0,
-    block i (1-based) layer i, everything after the blocks (final norm, head) layer L+1; layer j gets
-    layer_decay ** (L + 1 - j), and every backbone parameter also backbone_lr_scale.
-    No weight decay on biases, norms, pos_embed, cls_token. `model` has the ViT as `model.backbone`."""
+    """AdamW groups with an `lr_scale`: the embeddings (patch_embed, cls_token, pos_embed) are
+    layer 0, block i (1-based) layer i, everything after the blocks (final norm, head) layer L+1;
+    layer j gets layer_decay ** (L + 1 - j), and every backbone parameter also backbone_lr_scale.
+    No weight decay on biases, norms, pos_embed, cls_token. `model` has the ViT as
+    `model.backbone`."""
     n_layers = len(model.backbone.blocks)
     groups = {}
     for name, p in model.named_parameters():
@@ -199,8 +274,11 @@ def param_groups_layer_decay(model, weight_decay, layer_decay, backbone_lr_scale
         else:
             layer = n_layers + 1
         decay = 0.0 if no_weight_decay(name, p) else weight_decay
-        scale = layer_decay ** (n_layers + 1 - layer) * (backbone_lr_scale if name.startswith("backbone.") else 1.0)
-        group = groups.setdefault((scale, decay), dict(params=[], weight_decay=decay, lr_scale=scale))
+        scale = layer_decay ** (n_layers + 1 - layer)
+        if name.startswith("backbone."):
+            scale *= backbone_lr_scale
+        group = groups.setdefault((scale, decay),
+                                  dict(params=[], weight_decay=decay, lr_scale=scale))
         group["params"].append(p)
     return list(groups.values())
 
@@ -213,21 +291,40 @@ class Task:
     add_args, datasets, build_model, loss, metrics. A train set with a `weights` tensor is sampled
     with replacement in proportion to it (class-balanced sampling)."""
     higher_is_better = True
+    mix = None  # a batch transform (images, labels) -> (images, soft labels): mixup/cutmix
 
     def predict(self, model, images):
         return model(images)
 
+    def lr_schedule(self, args, global_batch, total, steps_per_epoch):
+        """step -> lr: warmup then cosine to --min-lr; --lr is for a global batch of 256 and scales
+        with the real one (the linear scaling rule of the authors' MAE scripts)."""
+        peak = args.lr * global_batch / 256
+        warmup = int(args.warmup_epochs * steps_per_epoch)
+        return lambda step: cosine_schedule(step, total, peak, args.min_lr, warmup)
+
+    def backbone_lr_scale(self, args):
+        """The backbone's lr relative to the head's, before layer decay."""
+        return 1.0
+
+    def ema_decay(self, args):
+        """Evaluate an EMA copy of the network with this decay (0: the trained network itself)."""
+        return 0.0
+
     def summary(self, flat, std=None):
-        return ", ".join(f"{k} {flat[k]:.4f}" + (f" ({std[k]:.4f})" if std else "") for k in self.shown if k in flat)
+        return ", ".join(f"{k} {flat[k]:.4f}" + (f" ({std[k]:.4f})" if std else "")
+                         for k in self.shown if k in flat)
 
 
 # ----------------------------------------------------------------------------- train and evaluate
 
 @torch.no_grad()
 def evaluate(task, model, dataset, args, device):
-    """Batched predictions over a test set -> (the task's metrics, the names of unreadable images)."""
+    """Batched predictions over a test set -> (the task's metrics, the names of unreadable
+    images)."""
     model.eval()
-    loader = DataLoader(Views(dataset, None, 0), batch_size=max(1, args.batch_size), num_workers=args.workers,
+    loader = DataLoader(Views(dataset, None, 0), batch_size=max(1, args.batch_size),
+                        num_workers=args.workers,
                         collate_fn=collate, worker_init_fn=ignore_stop_signals)
     preds, targets, skipped = [], [], []
     for images, target, names in tqdm(loader, desc="eval", leave=False):
@@ -249,14 +346,15 @@ def batch_sizes(args, n_subset, world):
     """(images per process, steps per epoch): a subset smaller than --batch-size is one batch."""
     per_process = min(args.batch_size, n_subset) // world
     if per_process == 0:
-        raise ValueError(f"--batch-size {args.batch_size} over {n_subset} training images and {world} "
+        raise ValueError(f"--batch-size {args.batch_size} over {n_subset} training images and "
+                         f"{world} "
                          "processes leaves no image per process")
     return per_process, n_subset // world // per_process
 
 
 def train_one(task, args, train_set, tests, run, ctx):
-    """One run (seed = args.seed + run): subset, model, training, final (and best) metrics. A finished
-    run with the same settings is reused, one with others refused."""
+    """One run (seed = args.seed + run): subset, model, training, final (and best) metrics. A
+    finished run with the same settings is reused, one with others refused."""
     rank, world, device, stop = ctx
     seed = args.seed + run
     settings = dict(args.settings, seed=seed)
@@ -266,34 +364,39 @@ def train_one(task, args, train_set, tests, run, ctx):
     if result is not None:
         check_settings(result.get("settings"), settings, result_path)
         if rank == 0:
-            print(f"run {run}: {result_path} holds this run's result (same settings): reused, not retrained")
+            print(f"run {run}: {result_path} holds this run's result (same settings): reused, not "
+                  f"retrained")
         return result
     os.makedirs(run_dir, exist_ok=True)
-    subset = few_shot_indices(len(train_set), args.frac, seed)
+    subset = few_shot_indices(len(train_set), args.frac, seed, args.n_train)
     train = torch.utils.data.Subset(train_set, subset)
     torch.manual_seed(seed)
     model = task.build_model(build_backbone(args), args)
     if args.head_only:
         model.backbone.requires_grad_(False)
-    if world > 1 and device.type == "cuda":  # BatchNorm statistics over all GPUs (the landmark head, as mmseg)
+    # BatchNorm statistics over all GPUs (the landmark head, as mmseg)
+    if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+    ddp = DistributedDataParallel(model, device_ids=[device.index]
+                                  if device.type == "cuda" else None) \
         if world > 1 else model
+    decay = task.ema_decay(args)
+    ema = copy.deepcopy(model).requires_grad_(False) if decay else None
     groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay,
-                                      getattr(args, "backbone_lr_scale", 1.0))
+                                      task.backbone_lr_scale(args))
     optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
     per_process, steps_per_epoch = batch_sizes(args, len(subset), world)
     total = args.epochs * steps_per_epoch
-    peak = args.lr * per_process * world / 256  # linear scaling rule, by the real global batch
-    lr_at = lambda s: cosine_schedule(s, total, peak, args.min_lr, int(args.warmup_epochs * steps_per_epoch))
+    lr_at = task.lr_schedule(args, per_process * world, total, steps_per_epoch)
     weights = train_set.weights[subset] if getattr(train_set, "weights", None) is not None else None
 
     ckpt_path = os.path.join(run_dir, "checkpoint.pth")
     start_epoch, start_batch, history, skipped = 0, 0, [], set()
     ckpt = from_rank_zero(lambda: read_if_there(ckpt_path), rank, world)
     if ckpt is not None:
-        load_resume(ckpt, ckpt_path, settings, model=model, optimizer=optimizer)
+        load_resume(ckpt, ckpt_path, settings, model=model, optimizer=optimizer,
+                    **({"ema": ema} if ema is not None else {}))
         start_epoch, start_batch, history = ckpt["epoch"], ckpt["batch"], ckpt["history"]
         skipped = set(ckpt["skipped"])
         restore_rng(ckpt, device)
@@ -302,19 +405,25 @@ def train_one(task, args, train_set, tests, run, ctx):
 
     def save(epoch, batch):
         if rank == 0:
-            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, batch=batch,
-                             history=history, skipped=sorted(skipped), settings=settings, **rng_state(device)),
-                        ckpt_path)
+            parts = dict(model=model.state_dict(), optimizer=optimizer.state_dict())
+            if ema is not None:
+                parts["ema"] = ema.state_dict()
+            save_atomic(dict(parts, epoch=epoch, batch=batch, history=history,
+                             skipped=sorted(skipped),
+                             settings=settings, **rng_state(device)), ckpt_path)
 
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_batch, disable=rank != 0,
                desc=f"run {run}", dynamic_ncols=True)
     sampler = EpochSampler(len(subset), steps_per_epoch * per_process, seed, rank, world, weights)
-    # its own generator: creating the loader's iterator must not advance the global RNG (exact resume)
+    # its own generator: creating the loader's iterator must not advance the global RNG (exact
+    # resume)
     loader = DataLoader(Views(train, None, seed), batch_size=per_process, sampler=sampler,
-                        num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                        num_workers=args.workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda",
                         persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(seed))
-    saved_at, pending = time.time(), []  # pending: this process's unreadable images since the last sync
+    # pending: this process's unreadable images since the last sync
+    saved_at, pending = time.time(), []
     for epoch in range(start_epoch, args.epochs):
         model.train()
         if args.head_only:
@@ -324,31 +433,39 @@ def train_one(task, args, train_set, tests, run, ctx):
         stopping = False
         for i, (images, targets, names) in enumerate(loader, first):
             if images is None:
-                raise ValueError(f"{args.data}: all {len(names)} images of a training batch were unreadable, "
-                                 f"e.g. {names[0]}")
+                raise ValueError(f"{args.data}: all {len(names)} images of a training batch were "
+                                 f"unreadable, e.g. {names[0]}")
             step = epoch * steps_per_epoch + i
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step) * g["lr_scale"]
             images = normalize(images.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
+            if task.mix is not None:  # mixup/cutmix: the whole batch, on the device
+                images, targets = task.mix(images, targets)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                loss = task.loss(ddp(images), targets.to(device, non_blocking=True))
+                loss = task.loss(ddp(images), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema_with_buffers(ema, model, decay)
             bar.update(1)
             pending += names
-            mid_epoch = i + 1 < steps_per_epoch  # at an epoch's end, the epoch's evaluation comes first
-            alone_stopping = world == 1 and stop.signum  # one process needs no collective to stop now
+            # at an epoch's end, the epoch's evaluation comes first
+            mid_epoch = i + 1 < steps_per_epoch
+            # one process needs no collective to stop now
+            alone_stopping = world == 1 and stop.signum
             if mid_epoch and (step + 1) % args.log_every and not alone_stopping:
                 continue  # no host sync between logging steps
             # the same step on every process: one all-reduce for the progress bar and the checks
-            loss_value, n_skipped, stopping = all_mean([loss.detach(), len(pending), stop.signum > 0])
+            checks = [loss.detach(), len(pending), stop.signum > 0]
+            loss_value, n_skipped, stopping = all_mean(checks)
             if n_skipped:  # the same on every process: all join the gather
                 skipped.update(gather_names(pending, world))
             pending = []
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}; last checkpoint "
-                                         f"{ckpt_path}")
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}; last "
+                                         f"checkpoint {ckpt_path}")
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step):.1e}")
             if mid_epoch and (stopping or checkpoint_due(saved_at, args)):
                 save(epoch, i + 1)
@@ -360,7 +477,7 @@ def train_one(task, args, train_set, tests, run, ctx):
         if rank == 0 and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
             metrics = {}
             for name, ds in tests.items():
-                metrics[name], bad = evaluate(task, model, ds, args, device)
+                metrics[name], bad = evaluate(task, ema or model, ds, args, device)
                 skipped.update(bad)
             history.append(dict(epoch=epoch + 1, **metrics))
             tqdm.write(f"run {run} epoch {epoch + 1}: {task.summary(flatten(metrics))}")
@@ -384,6 +501,13 @@ def train_one(task, args, train_set, tests, run, ctx):
     if rank == 0:
         save_atomic_json(result, result_path)
     return result
+
+
+def ema_with_buffers(ema, model, decay):
+    """The evaluated EMA copy (FaRL): parameters averaged, buffers (BatchNorm statistics) copied."""
+    ema_update(ema, model, decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
 
 
 def flatten(metrics, prefix=""):
@@ -412,20 +536,24 @@ NOT_SETTINGS = ("out", "data_root", "workers", "runs", "save_every_min", "log_ev
 
 def run_settings(args, world, n_train_total):
     """What a checkpoint or result must match to be resumed or reused: every flag that changes the
-    result, the --init file's digest (not its path), the number of processes and the training set's size."""
+    result, the --init file's digest (not its path), the number of processes and the training set's
+    size."""
     flags = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
     digest = "random" if args.init == "random" else file_digest(args.init)
     return dict(flags, init_sha256=digest, processes=world, n_train_total=n_train_total)
 
 
 def default_out(task, args):
-    """runs/<dataset>/<task>-<init>-<frac>: runs from other inits or subsets never share a folder, and
-    `figures.py table --dir runs/<dataset>` reads them. A checkpoint's init is named by its folder and file."""
+    """runs/<dataset>/<task>-<init>-<frac or nN>: runs from other inits or subsets never share a
+    folder, and `figures.py table --dir runs/<dataset>` reads them. A checkpoint's init is named by
+    its folder and file."""
     init = "random"
     if args.init != "random":
         parent = os.path.basename(os.path.dirname(os.path.abspath(args.init)))
-        init = re.sub(r"[^A-Za-z0-9]+", "_", f"{parent}_{os.path.splitext(os.path.basename(args.init))[0]}")
-    return os.path.join("runs", args.dataset, f"{task.name}-{init}-{args.frac:g}")
+        init = re.sub(r"[^A-Za-z0-9]+", "_",
+                      f"{parent}_{os.path.splitext(os.path.basename(args.init))[0]}")
+    subset = f"n{args.n_train}" if args.n_train else f"{args.frac:g}"
+    return os.path.join("runs", args.dataset, f"{task.name}-{init}-{subset}")
 
 
 def main(task, argv=None):
@@ -444,21 +572,25 @@ def run_all(task, args, stop):
     args.out = args.out or default_out(task, args)
     rank, world, device = setup_distributed()
     args.bf16 = use_bf16(args.bf16, device)
-    torch.backends.cudnn.benchmark = True  # fixed input sizes: the landmark head's convolutions gain
+    # fixed input sizes: the landmark head's convolutions gain
+    torch.backends.cudnn.benchmark = True
     train_set, tests = task.datasets(args)
     args.settings = run_settings(args, world, len(train_set))
-    n_keep = int(math.floor(args.frac * len(train_set) + 1e-9))
+    n_keep = len(few_shot_indices(len(train_set), args.frac, 0, args.n_train))
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        print(f"{args.dataset}: {len(train_set)} training images, --frac {args.frac} keeps {n_keep}; "
-              f"test: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()) + f"; results in {args.out}")
+        print(f"{args.dataset}: {len(train_set)} training images, {n_keep} kept; "
+              f"test: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()) + f"; results in "
+              f"{args.out}")
     ctx = (rank, world, device, stop)
     runs = [train_one(task, args, train_set, tests, r, ctx) for r in range(args.runs)]
     finals = [flatten(r["final"]) for r in runs]
     mean = {k: sum(f[k] for f in finals) / len(finals) for k in finals[0]}
-    std = {k: (sum((f[k] - mean[k]) ** 2 for f in finals) / max(1, len(finals) - 1)) ** 0.5 for k in finals[0]}
+    std = {k: (sum((f[k] - mean[k]) ** 2 for f in finals) / max(1, len(finals) - 1)) ** 0.5
+           for k in finals[0]}
     settings = vars(args).pop("settings")
-    results = dict(args=vars(args), settings=settings, n_train_total=len(train_set), n_train=n_keep, runs=runs,
+    results = dict(args=vars(args), settings=settings, n_train_total=len(train_set),
+                   n_train=n_keep, runs=runs,
                    mean=mean, std=std)
     skipped = sorted({name for r in runs for name in r["skipped"]})
     if rank == 0:
@@ -466,7 +598,8 @@ def run_all(task, args, stop):
         if skipped:
             write_lines(os.path.join(args.out, "skipped.txt"), skipped)
         print(f"{len(runs)} run(s), final epoch, mean (std): " + task.summary(mean, std)
-              + (f"; {len(skipped)} unreadable images skipped, listed in {args.out}/skipped.txt" if skipped else ""))
+              + (f"; {len(skipped)} unreadable images skipped, listed in {args.out}/skipped.txt"
+                 if skipped else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
@@ -480,7 +613,8 @@ def read_json(path):
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno}); delete it to rerun") from None
+            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno}); delete it to "
+                             f"rerun") from None
 
 
 def save_atomic_json(obj, path):
@@ -495,8 +629,8 @@ def run_cli(task):
 
 
 def layer_decay_table(arch="vit_small", layer_decay=0.65, weight_decay=0.05):
-    """(python finetune.py) The lr scale and weight decay of each layer of a ViT with a linear head, as
-    param_groups_layer_decay gives them (§4.1: layer decay 0.65)."""
+    """(python finetune.py) The lr scale and weight decay of each layer of a ViT with a linear
+    head, as param_groups_layer_decay gives them (§4.1: layer decay 0.65)."""
     model = torch.nn.Module()
     model.backbone = ARCHS[arch]()
     model.head = torch.nn.Linear(model.backbone.embed_dim, 40)
@@ -509,7 +643,8 @@ def layer_decay_table(arch="vit_small", layer_decay=0.65, weight_decay=0.05):
             rows.setdefault((g["lr_scale"], layer), set()).add(g["weight_decay"])
     print(f"{arch}, layer decay {layer_decay}, weight decay {weight_decay}: lr = --lr x scale")
     for (scale, layer), decays in sorted(rows.items(), key=lambda r: r[0][0]):
-        print(f"  {layer:<24} lr scale {scale:.5f}  weight decay {' and '.join(map(str, sorted(decays)))}")
+        print(f"  {layer:<24} lr scale {scale:.5f}  weight decay "
+              f"{' and '.join(map(str, sorted(decays)))}")
 
 
 def main_table():

@@ -1,25 +1,28 @@
 """Face attributes on CelebA and LFWA (paper §3.5, §4.1; Tables 1 and 2).
 
-    python finetune_attr.py --frac 0.002 --init runs/pretrain/teacher_backbone.pth --runs 5   # CelebA 0.2%
+    python finetune_attr.py --frac 0.002 --init runs/pretrain/teacher_backbone.pth   # CelebA 0.2%
     python finetune_attr.py --dataset lfwa --frac 0.05
-    python finetune_attr.py --dataset toy --arch vit_tiny --img-size 112 --epochs 20          # CPU
+    python finetune_attr.py --dataset toy --arch vit_tiny --img-size 64 --batch-size 32 --runs 1 \
+        --lr 4e-3 --layer-decay 1.0 --min-crop 0.5 --no-randaug --erasing 0 --epochs 20 --frac 0.1
 
-Model (§4.1): the cls token of the last layer, layer-normalised (the ViT's final LayerNorm), then one
-logit per attribute: one Linear(D, A) is exactly A separate linear heads, computed together. Mean
-binary cross-entropy over attributes; metric: mean accuracy over attributes (each one's in results.json).
+Model (§4.1): the cls token of the last layer, layer-normalised (the ViT's final LayerNorm), then
+one logit per attribute: one Linear(D, A) is exactly A separate linear heads, computed together.
+Mean binary cross-entropy over attributes; metric: mean accuracy over attributes (each one's in
+results.json).
 
 Data (docs/formats.md): CelebA's img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt
-(train = partition 0, test = partition 2). LFWA: lfw_att_40.mat + indices_train_test.mat (needs h5py),
-or the same plain-text layout as CelebA. The number of attributes comes from the file header.
+(train = partition 0, test = partition 2). LFWA: lfw_att_40.mat + indices_train_test.mat (needs
+h5py), or the same plain-text layout as CelebA. The number of attributes comes from the file header.
 """
 import os
 
 import numpy as np
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import finetune
-from finetune import LabelledImages, image_transform
+from finetune import LabelledImages, eval_transform, train_transform
 
 SPLITS = {"0": "train", "1": "val", "2": "test"}
 
@@ -33,15 +36,18 @@ def _open(path, what):
 def read_celeba(path):
     """A CelebA-layout folder -> dict(attributes=[names], train/val/test=[(image path, 0/1 array)]).
 
-    list_attr_celeba.txt (or list_attr.txt): line 1 the image count, line 2 the attribute names, then
-    `000001.jpg -1  1 ...` (values -1/1, or 0/1, separated by one or more spaces; -1 -> 0).
-    list_eval_partition.txt: `000001.jpg 0` with 0 train, 1 val, 2 test. Images in img_align_celeba/.
+    list_attr_celeba.txt (or list_attr.txt): line 1 the image count, line 2 the attribute names,
+    then `000001.jpg -1  1 ...` (values -1/1, or 0/1, separated by one or more spaces; -1 -> 0).
+    list_eval_partition.txt: `000001.jpg 0` with 0 train, 1 val, 2 test. Images in
+    img_align_celeba/.
     """
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such folder (expected img_align_celeba/, list_attr_celeba.txt, "
+        raise FileNotFoundError(f"{path}: no such folder (expected img_align_celeba/, "
+                                f"list_attr_celeba.txt, "
                                 "list_eval_partition.txt; or try --dataset toy)")
-    attr_file = next((os.path.join(path, f) for f in ("list_attr_celeba.txt", "list_attr.txt")
-                      if os.path.isfile(os.path.join(path, f))), os.path.join(path, "list_attr_celeba.txt"))
+    names = ("list_attr_celeba.txt", "list_attr.txt")
+    attr_file = next((os.path.join(path, f) for f in names
+                      if os.path.isfile(os.path.join(path, f))), os.path.join(path, names[0]))
     with _open(attr_file, "attribute labels") as f:
         lines = f.read().splitlines()
     try:
@@ -55,8 +61,8 @@ def read_celeba(path):
         if not tokens:
             continue
         if len(tokens) != len(names) + 1 or any(t not in ("-1", "0", "1") for t in tokens[1:]):
-            raise ValueError(f"{attr_file}:{n}: expected an image name and {len(names)} values -1/1, "
-                             f"got {len(tokens) - 1} tokens")
+            raise ValueError(f"{attr_file}:{n}: expected an image name and {len(names)} values "
+                             f"-1/1, got {len(tokens) - 1} tokens")
         labels[tokens[0]] = np.array([t == "1" for t in tokens[1:]], np.float32)
     if len(labels) != count:
         raise ValueError(f"{attr_file}: line 1 says {count} images, the file lists {len(labels)}")
@@ -70,21 +76,24 @@ def read_celeba(path):
             if not tokens:
                 continue
             if len(tokens) != 2 or tokens[1] not in SPLITS or tokens[0] not in labels:
-                raise ValueError(f"{part_file}:{n}: expected '<image listed in {os.path.basename(attr_file)}> "
-                                 f"0|1|2', got {line.strip()!r}")
+                raise ValueError(f"{part_file}:{n}: expected '<image listed in "
+                                 f"{os.path.basename(attr_file)}> 0|1|2', got {line.strip()!r}")
             out[SPLITS[tokens[1]]].append((os.path.join(images, tokens[0]), labels[tokens[0]]))
     return out
 
 
 def read_lfwa_mat(path):
-    """LFWA as distributed: lfw_att_40.mat (name, label, AttrName) and indices_train_test.mat (1-based
-    indices_img_train / indices_img_test), MATLAB v7.3 = HDF5; images under lfw/ (names use backslashes)."""
+    """LFWA as distributed: lfw_att_40.mat (name, label, AttrName) and indices_train_test.mat
+    (1-based indices_img_train / indices_img_test), MATLAB v7.3 = HDF5; images under lfw/ (names
+    use backslashes)."""
     try:
         import h5py
     except ImportError:
         raise ValueError("reading LFWA's .mat files needs h5py: pip install h5py "
                          "(or convert LFWA once to the CelebA text layout)") from None
-    text = lambda f, ref: "".join(chr(c) for c in np.asarray(f[ref]).flatten())
+
+    def text(f, ref):
+        return "".join(chr(c) for c in np.asarray(f[ref]).flatten())
     with h5py.File(os.path.join(path, "lfw_att_40.mat"), "r") as f:
         names = [text(f, r) for r in np.asarray(f["name"]).flatten()]
         labels = np.asarray(f["label"], np.float32)
@@ -92,41 +101,53 @@ def read_lfwa_mat(path):
     if labels.shape[0] != len(names):  # MATLAB stores column-major: (A, N) arrives transposed
         labels = labels.T
     with h5py.File(os.path.join(path, "indices_train_test.mat"), "r") as f:
-        train, test = (np.asarray(f[k]).flatten().astype(int) - 1 for k in ("indices_img_train", "indices_img_test"))
+        train, test = (np.asarray(f[k]).flatten().astype(int) - 1
+                       for k in ("indices_img_train", "indices_img_test"))
     root = os.path.join(path, "lfw") if os.path.isdir(os.path.join(path, "lfw")) else path
-    item = lambda i: (os.path.join(root, *names[i].replace("\\", "/").split("/")), labels[i])
-    return dict(attributes=attrs, train=[item(i) for i in train], val=[], test=[item(i) for i in test])
+
+    def item(i):
+        return os.path.join(root, *names[i].replace("\\", "/").split("/")), labels[i]
+    return dict(attributes=attrs, train=[item(i) for i in train], val=[],
+                test=[item(i) for i in test])
 
 
 def read_attributes(args):
     if args.dataset == "toy":
         import toyfaces
-        return read_celeba(os.path.join(toyfaces.ensure_world(finetune.data_root(args.data_root)), "celeba"))
+        return read_celeba(os.path.join(toyfaces.ensure_world(finetune.data_root(args.data_root)),
+                                        "celeba"))
     if args.dataset == "lfwa" and os.path.isfile(os.path.join(args.data, "lfw_att_40.mat")):
         return read_lfwa_mat(args.data)
     if args.dataset == "lfwa" and not os.path.isdir(args.data):
-        raise FileNotFoundError(f"{args.data}: no such folder (expected LFWA's lfw_att_40.mat, indices_train_test"
-                                ".mat and lfw/, or LFWA in the CelebA text layout; or try --dataset toy)")
+        raise FileNotFoundError(f"{args.data}: no such folder (expected LFWA's lfw_att_40.mat, "
+                                f"indices_train_test"
+                                ".mat and lfw/, or LFWA in the CelebA text layout; or try "
+                                "--dataset toy)")
     return read_celeba(args.data)
 
 
 class AttributeModel(nn.Module):
-    """ViT -> normalised feature -> A logits. pool='cls': the last layer's cls token after the ViT's final
-    LayerNorm (§4.1); pool='mean': mean of the last layer's patch tokens + a LayerNorm (MAE's global pool)."""
+    """ViT -> normalised feature -> A logits. pool='cls': the last layer's cls token after the
+    ViT's final LayerNorm (§4.1); pool='mean': mean of the last layer's patch tokens + a LayerNorm
+    (MAE's global pool)."""
 
     def __init__(self, backbone, n_attributes, pool="cls"):
         super().__init__()
         self.backbone, self.pool = backbone, pool
-        self.fc_norm = nn.LayerNorm(backbone.embed_dim, eps=1e-6) if pool == "mean" else nn.Identity()
-        if pool == "mean":  # the ViT's final norm is then off the path: frozen, so DDP does not wait for it
+        self.fc_norm = nn.LayerNorm(backbone.embed_dim,
+                                    eps=1e-6) if pool == "mean" else nn.Identity()
+        # the ViT's final norm is then off the path: frozen, so DDP does not wait for it
+        if pool == "mean":
             backbone.norm.requires_grad_(False)
-        self.head = nn.Linear(backbone.embed_dim, n_attributes)  # A separate linear heads, side by side
+        # A separate linear heads, side by side
+        self.head = nn.Linear(backbone.embed_dim, n_attributes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def features(self, x):
         if self.pool == "mean":
-            return self.fc_norm(self.backbone.get_intermediate_layers(x, [len(self.backbone.blocks)])[0].mean(1))
+            last = self.backbone.get_intermediate_layers(x, [len(self.backbone.blocks)])[0]
+            return self.fc_norm(last.mean(1))
         return self.backbone(x)
 
     def forward(self, x):
@@ -136,31 +157,42 @@ class AttributeModel(nn.Module):
 class Attributes(finetune.Task):
     __doc__ = __doc__
     name, main_metric = "attr", "test/mean_accuracy"
-    shown = ["test/mean_accuracy"]
+    shown = ["test/mean_accuracy", "test/majority_accuracy"]
 
     def add_args(self, p):
-        finetune.add_common_args(p, ["celeba", "lfwa", "toy"], lr=5e-4, weight_decay=0.05, layer_decay=0.65,
-                                 epochs=100)
-        p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="cls token (§4.1) or mean of "
-                       "patch tokens (not in the paper: MAE's fine-tuning default, global_pool)")
+        finetune.add_common_args(
+            p, ["celeba", "lfwa", "toy"],
+            dict(lr=5e-4, weight_decay=0.05, layer_decay=0.65, epochs=100, batch_size=256,
+                 warmup_epochs=1),
+            notes=dict(lr="effective lr at a global batch of 256 (§4.1), scaled by the real one",
+                       weight_decay="AdamW (§4.1)", layer_decay="§4.1",
+                       epochs="the lr reaches zero at the end (§4.1)",
+                       batch_size="64 x 4 GPUs (authors' run_celeba.sh)",
+                       warmup_epochs="linear warmup (authors' run_celeba.sh)"))
+        finetune.add_augmentation_args(p)
+        p.add_argument("--pool", default="cls", choices=["cls", "mean"],
+                       help="cls token (§4.1) or mean of patch tokens (MAE's global_pool)")
 
     def datasets(self, args):
         data = read_attributes(args)
         self.attributes = data["attributes"]
         if not data["train"] or not data["test"]:
             raise ValueError(f"{args.data}: empty train or test split")
-        return (LabelledImages(data["train"], image_transform(args.img_size, True)),
-                {"test": LabelledImages(data["test"], image_transform(args.img_size, False))})
+        return (LabelledImages(data["train"], train_transform(args)),
+                {"test": LabelledImages(data["test"], eval_transform(args.img_size))})
 
     def build_model(self, backbone, args):
         return AttributeModel(backbone, len(self.attributes), args.pool)
 
     def loss(self, logits, targets):
-        return F.binary_cross_entropy_with_logits(logits.float(), targets.float())  # mean over attributes
+        # mean over attributes
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
     def metrics(self, logits, targets, dataset):
         acc = ((logits > 0).float() == targets).float().mean(0)  # (A,)
+        share = targets.float().mean(0)  # the baseline: each attribute's more frequent test value
         return dict(mean_accuracy=acc.mean().item() * 100,
+                    majority_accuracy=torch.maximum(share, 1 - share).mean().item() * 100,
                     per_attribute={n: a * 100 for n, a in zip(self.attributes, acc.tolist())})
 
 

@@ -1,16 +1,19 @@
-"""The prototype-based self-distillation loss of ProS (paper §3.1-3.3), the projector, the EMA teacher
-update and the schedules.
+"""The prototype-based self-distillation loss of ProS (paper §3.1-3.3), the projector, the EMA
+teacher update and the schedules.
 
-    s^l_n = softmax(p . f_s(x^l_n) / tau_l)      s^g_m = softmax(p . f_t(x^g_m) / tau_g)         (Eq. 1)
-    L     = 1/B sum_i H_i(s^g, s^l)  -  H(mean s^l)                                                (Eq. 2)
-    H_i   = 1/(M N) sum_m sum_n H(s^g_m, s^l_n)     (cross-entropy, teacher -> student)           (Eq. 3)
-    H(mean s^l): entropy of the student prediction averaged over all B*N local views               (Eq. 4)
+    s^l_n = softmax(p . f_s(x^l_n) / tau_l)
+    s^g_m = softmax(p . f_t(x^g_m) / tau_g)                                         (Eq. 1)
+    L     = 1/B sum_i H_i(s^g, s^l)  -  H(mean s^l)                                 (Eq. 2)
+    H_i   = 1/(M N) sum_m sum_n H(s^g_m, s^l_n)   (cross-entropy, teacher -> student) (Eq. 3)
+    H(mean s^l): entropy of the student prediction averaged over all B*N local views  (Eq. 4)
 
-Eq. 4 as printed averages the predictions without taking their entropy; the text calls it "the entropy
-regularization [2]" and MSN's me-max, which this loss follows, is the entropy of the mean prediction:
-that is what we compute. Features and prototypes are L2-normalised ("All the output features are L2
-normalized"), so p . f is a cosine similarity. No centering and no Sinkhorn: the mean-entropy term is
-the anti-collapse mechanism, and the sharp teacher (tau_g = 0.025 < tau_l = 0.1) gives the targets.
+Eq. 4 as printed averages the predictions without taking their entropy; the text calls it "the
+entropy regularization [2]" and MSN's me-max, which this loss follows, is the entropy of the mean
+prediction: that is what we compute. Features and prototypes are L2-normalised ("All the output
+features are L2 normalized"), so p . f is a cosine similarity. No centering: the mean-entropy term
+is the paper's anti-collapse mechanism, and the sharp teacher (tau_g = 0.025 < tau_l = 0.1) gives
+the targets. `sinkhorn=True` also spreads the targets over the prototypes with Sinkhorn-Knopp, as
+MSN's released config does (pretrain.py's default; --no-sinkhorn is Eq. 2 alone).
 """
 import math
 
@@ -23,16 +26,18 @@ import torch.nn.functional as F
 class ProjectionHead(nn.Module):
     """The projector: 3 fully connected layers, 384 -> 2048 -> 2048 -> 256, GELU between (§3.2).
 
-    batch_norm=True puts BatchNorm1d after the two hidden layers, as MSN's released projector does (the
-    paper says only "3 fully connected layers"): it standardises each feature over the batch, so images
-    that a freshly initialised ViT maps to nearly the same vector get distinct projections from step 1.
+    batch_norm=True puts BatchNorm1d after the two hidden layers, as MSN's released projector does
+    (the paper says only "3 fully connected layers"): it standardises each feature over the batch,
+    so images that a freshly initialised ViT maps to nearly the same vector get distinct
+    projections from step 1.
     """
 
     def __init__(self, in_dim, out_dim=256, hidden_dim=2048, batch_norm=False):
         super().__init__()
         layers = []
         for d_in in (in_dim, hidden_dim):
-            layers += [nn.Linear(d_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if batch_norm else []), nn.GELU()]
+            layers += [nn.Linear(d_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)]
+                                                      if batch_norm else []), nn.GELU()]
         self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, out_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
@@ -93,7 +98,8 @@ def entropy(p, dim=-1):
 class PrototypeLoss(nn.Module):
     """Holds the K learnable prototypes, shared by teacher and student, and computes Eq. 1-4."""
 
-    def __init__(self, n_prototypes=1024, dim=256, tau_teacher=0.025, tau_student=0.1, sinkhorn=False):
+    def __init__(self, n_prototypes=1024, dim=256, tau_teacher=0.025, tau_student=0.1,
+                 sinkhorn=False):
         super().__init__()
         self.sinkhorn = sinkhorn
         bound = 1 / math.sqrt(dim)  # U(-1/sqrt(d), 1/sqrt(d)) (§3.3)
@@ -101,9 +107,9 @@ class PrototypeLoss(nn.Module):
         self.tau_teacher, self.tau_student = tau_teacher, tau_student
 
     def cosine(self, z):
-        """Cosine similarities to the prototypes, z (..., d) -> (..., K), in fp32 even under bf16 autocast
-        (which casts a matmul of fp32 tensors too): at tau_teacher = 0.025, bf16's rounding of a cosine,
-        up to 2^-9, would move a logit by up to 0.08."""
+        """Cosine similarities to the prototypes, z (..., d) -> (..., K), in fp32 even under bf16
+        autocast (which casts a matmul of fp32 tensors too): at tau_teacher = 0.025, bf16's
+        rounding of a cosine, up to 2^-9, would move a logit by up to 0.08."""
         with torch.autocast(z.device.type, enabled=False):
             return F.normalize(z.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
 
@@ -112,24 +118,32 @@ class PrototypeLoss(nn.Module):
         return (self.cosine(z) / tau).softmax(-1)
 
     def distillation(self, s_g, z_student):
-        """Eq. 1-4 from the teacher's predictions s_g (B, M, K) and the student's raw projector outputs
-        z_student (B, N, d) -> (loss, cross-entropy, mean entropy), each a scalar."""
-        log_s_l = F.log_softmax(self.cosine(z_student) / self.tau_student, dim=-1)   # (B, N, K), Eq. 1
-        # Eq. 3: cross-entropy of every (global m, local n) pair of an image, averaged over the M x N pairs
+        """Eq. 1-4 from the teacher's predictions s_g (B, M, K) and the student's raw projector
+        outputs z_student (B, N, d) -> (loss, cross-entropy, mean entropy), each a scalar."""
+        # (B, N, K), Eq. 1
+        log_s_l = F.log_softmax(self.cosine(z_student) / self.tau_student, dim=-1)
+        # Eq. 3: cross-entropy of every (global m, local n) pair of an image, averaged over the M x
+        # N pairs
         ce = -(s_g[:, :, None] * log_s_l[:, None]).sum(-1)                           # (B, M, N)
-        cross_entropy = ce.mean()                                                    # Eq. 2, first term
-        mean_s_l = global_mean(log_s_l.exp().flatten(0, 1))                          # Eq. 4: (K,) over B*N
+        # Eq. 2, first term
+        cross_entropy = ce.mean()
+        # Eq. 4: (K,) over B*N
+        mean_s_l = global_mean(log_s_l.exp().flatten(0, 1))
         mean_entropy = entropy(mean_s_l)
         return cross_entropy - mean_entropy, cross_entropy, mean_entropy             # Eq. 2
 
     def forward(self, z_teacher, z_student):
-        """z_teacher (B, M, d) from the global views, z_student (B, N, d) from the local views -> (loss, stats)."""
-        with torch.no_grad():  # the teacher side gives targets only: no gradient, not to the prototypes either
+        """z_teacher (B, M, d) from the global views, z_student (B, N, d) from the local views ->
+        (loss, stats)."""
+        # the teacher side gives targets only: no gradient, not to the prototypes either
+        with torch.no_grad():
             s_g = self.predictions(z_teacher, self.tau_teacher)                      # (B, M, K)
-            if self.sinkhorn:  # not in the paper: MSN's equipartition of the targets (see --sinkhorn)
+            # not in the paper: MSN's equipartition of the targets (see --sinkhorn)
+            if self.sinkhorn:
                 s_g = sinkhorn(s_g.flatten(0, 1)).view_as(s_g)
         loss, cross_entropy, mean_entropy = self.distillation(s_g, z_student)
-        with torch.no_grad():  # 0-d tensors on the device: read on logging steps only (no host sync here)
+        # 0-d tensors on the device: read on logging steps only (no host sync here)
+        with torch.no_grad():
             s_l = self.predictions(z_student, self.tau_student)
             used = s_g.new_zeros(s_g.shape[-1]).index_fill_(0, s_g.argmax(-1).flatten(), 1.0).sum()
             stats = dict(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
@@ -140,7 +154,8 @@ class PrototypeLoss(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same names)."""
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same
+    names)."""
     student_params = dict(student.named_parameters())
     names, t = zip(*teacher.named_parameters())
     # one fused kernel per op on a GPU instead of two launches per parameter (about 300 a step)
@@ -161,9 +176,18 @@ def cosine_schedule(step, total_steps, base, final, warmup_steps=0, warmup_start
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
 
 
+STRETCH = 1.25  # MSN lays its momentum and weight-decay schedules over 1.25x the run's steps
+
+
 def momentum_schedule(step, total_steps, base=0.996):
-    """EMA momentum, cosine from 0.996 to 1 (DINO; the paper does not state it)."""
-    return cosine_schedule(step, total_steps, base, 1.0)
+    """EMA momentum, linear from base towards 1 over 1.25x the run, so it ends near 0.9992 (MSN's
+    msn_train.py; the paper does not state it)."""
+    return base + (1.0 - base) * step / (STRETCH * total_steps)
+
+
+def weight_decay_schedule(step, total_steps, base=0.04, final=0.4):
+    """Weight decay, cosine from base towards final over 1.25x the run (MSN's CosineWDSchedule)."""
+    return cosine_schedule(step, STRETCH * total_steps, base, final)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -171,23 +195,26 @@ def momentum_schedule(step, total_steps, base=0.996):
 def main():
     """Eq. 1-4 on made-up features, a healthy batch beside a collapsed one (python loss.py)."""
     import argparse
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="prints the loss and its statistics for two made-up batches").parse_args()
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="prints the loss and its statistics for two made-up "
+                            "batches").parse_args()
     torch.manual_seed(0)
     criterion = PrototypeLoss(n_prototypes=1024, dim=256)
     B, M, N, d = 64, 2, 8, 256
     images = torch.randn(B, 1, d)  # one feature per image; its views are noisy copies of it
     healthy = images.expand(B, M, d) + 0.3 * torch.randn(B, M, d)
-    collapsed = torch.randn(1, 1, d).expand(B, M, d) + 0.01 * torch.randn(B, M, d)  # every image alike
+    # every image alike
+    collapsed = torch.randn(1, 1, d).expand(B, M, d) + 0.01 * torch.randn(B, M, d)
     print(f"K = 1024 prototypes, B = {B} images, M = {M} global and N = {N} local views; "
           f"ln K = {math.log(1024):.3f}")
     for name, z_teacher in (("healthy", healthy), ("collapsed", collapsed)):
         z_student = z_teacher[:, :1].expand(B, N, d) + 0.3 * torch.randn(B, N, d)
         loss, s = criterion(z_teacher, z_student)
-        print(f"{name:>9}: loss {s['loss']:.3f} = cross-entropy {s['cross_entropy']:.3f} - mean entropy "
-              f"{s['mean_entropy']:.3f}; teacher's argmax: {s['prototypes_used']:.0f} distinct "
-              f"prototypes for {B * M} views; entropies: teacher {s['teacher_entropy']:.2f}, student "
-              f"{s['student_entropy']:.2f}")
+        print(f"{name:>9}: loss {s['loss']:.3f} = cross-entropy {s['cross_entropy']:.3f} - mean "
+              f"entropy {s['mean_entropy']:.3f}; teacher's argmax: {s['prototypes_used']:.0f} "
+              f"distinct prototypes for {B * M} views; entropies: teacher "
+              f"{s['teacher_entropy']:.2f}, student {s['student_entropy']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
-"""ProS pretraining (paper §3.1-3.3): a ViT student learns from its EMA teacher through shared prototypes.
+"""ProS pretraining (paper §3.1-3.3): a ViT student learns from its EMA teacher through shared
+prototypes.
 
-    python pretrain.py --data toy --arch vit_tiny --epochs 2 --global-size 112 --local-size 48   # CPU, toy faces
-    torchrun --nproc_per_node 4 pretrain.py --data ms1m --arcface w600k_r50.onnx                # the paper's run
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 pretrain.py ...
+    python pretrain.py --data toy --arch vit_tiny --epochs 2 --global-size 64 --local-size 32  # CPU
+    torchrun --nproc_per_node 4 pretrain.py --data ms1m --arcface w600k_r50.onnx   # the paper's run
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        pretrain.py --data ms1m --arcface w600k_r50.onnx
 
 Per image, M global views go to the teacher and N local views to the student (§1, Fig. 2). With
---arcface, C candidate local crops are cut and the face-aware retrieval keeps N of them in the training
-step, one recogniser call for the whole batch (an ArcFace R50 on an image's 14 crops costs more than
-its ViT-S step: in CPU workers it would starve the GPUs).
-Run the same command again with the same --out and it resumes from the last checkpoint; one made with
-other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finishes the step (under
+--arcface, C candidate local crops are cut and the face-aware retrieval keeps N of them in the
+training step, one recogniser call for the whole batch (an ArcFace R50 on an image's 14 crops costs
+more than its ViT-S step: in CPU workers it would starve the GPUs).
+Run the same command again with the same --out and it resumes from the last checkpoint; one made
+with other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finishes the step (under
 torchrun: trains on to the next logging step, where the processes agree), saves and exits; a
 checkpoint is also written every --save-every-min minutes and every epoch.
 
 Outputs in --out: checkpoint.pth (everything to resume, and the settings it was made with),
-teacher_backbone.pth (the teacher ViT, what fine-tuning loads), log.jsonl (one line per logging step),
-skipped.txt (the unreadable images or records, each once).
+teacher_backbone.pth (the teacher ViT, what fine-tuning loads), log.jsonl (one line per logging
+step), skipped.txt (the unreadable images or records, each once).
 """
 import argparse
 import json
@@ -28,74 +30,94 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from crops import MultiCrop, normalize
-from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals, is_rank_zero,
+from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals,
+                  is_rank_zero,
                   item_name, patch_multiple, pretrain_dataset, run_cli)
-from loss import PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule
+from loss import (PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule,
+                  weight_decay_schedule)
 from retrieval import ArcFace, select_batch
-from vit import ARCHS, no_weight_decay, read_checkpoint
+import toyfaces
+from vit import ARCHS, read_checkpoint
 
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
     count, positive, nonneg = at_least(1), above(0.0), at_least(0.0, float)
-    p.add_argument("--data", default="toy", help="toy, a name under the data root (ms1m), or a path")
-    p.add_argument("--data-root", default=None, help="where dataset names resolve (default: $PROS_DATA, else ./data)")
+    p.add_argument("--data", default="toy", help="toy, a name under the data root (ms1m), or a "
+                   "path")
+    p.add_argument("--data-root", default=None, help="where dataset names resolve (default: "
+                   "$PROS_DATA, else ./data)")
     p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: ViT-S/16)")
     p.add_argument("--epochs", type=count, default=20, help="§3.3")
-    p.add_argument("--batch-size", type=count, default=64, help="images per process (§3.3: 64 x 4 GPUs)")
-    p.add_argument("--lr", type=positive, default=1e-3, help="peak lr after warmup for a global batch of 256; "
-                   "scaled by global batch / 256 (§3.3)")
-    p.add_argument("--warmup-lr", type=nonneg, default=2e-4, help="initial lr, scaled the same way (§3.3)")
-    p.add_argument("--min-lr", type=nonneg, default=1e-6, help="final lr of the cosine decay (§3.3)")
+    p.add_argument("--batch-size", type=count, default=64, help="images per process (§3.3: 64 x 4 "
+                   "GPUs)")
+    p.add_argument("--lr", type=positive, default=1e-3, help="peak lr after warmup for a global "
+                   "batch of 256; scaled by global batch / 256 (§3.3)")
+    p.add_argument("--warmup-lr", type=nonneg, default=2e-4, help="initial lr, scaled the same "
+                   "way (§3.3)")
+    p.add_argument("--min-lr", type=nonneg, default=1e-6, help="final lr of the cosine decay "
+                   "(§3.3)")
     p.add_argument("--warmup-epochs", type=nonneg, default=2, help="§3.3")
-    p.add_argument("--weight-decay", type=nonneg, default=0.04, help="AdamW; none on biases, norms, "
-                   "pos_embed, cls_token (MAE's list), prototypes (§3.3's 0.04)")
-    p.add_argument("--clip-grad", type=positive, default=3.0, help="max global gradient norm (unstated; DINO's 3.0)")
-    p.add_argument("--momentum-teacher", type=fraction, default=0.996, help="EMA momentum, cosine to 1 (DINO)")
-    p.add_argument("--drop-path", type=nonneg, default=0.1, help="student stochastic depth (unstated; DINO's 0.1)")
+    p.add_argument("--weight-decay", type=nonneg, default=0.04,
+                   help="AdamW, at the start (§3.3); none on biases, norms, prototypes (MSN)")
+    p.add_argument("--final-weight-decay", type=nonneg, default=0.4,
+                   help="the weight decay rises by cosine to this over 1.25x the run (MSN config)")
+    p.add_argument("--clip-grad", type=positive, default=3.0,
+                   help="max gradient norm of the student encoder, prototypes excluded (MSN "
+                   "config)")
+    p.add_argument("--momentum-teacher", type=fraction, default=0.996,
+                   help="EMA momentum, linear towards 1 over 1.25x the run (MSN's msn_train.py)")
+    p.add_argument("--drop-path", type=nonneg, default=0.0,
+                   help="student stochastic depth (MSN config)")
     p.add_argument("--n-prototypes", type=count, default=1024, help="K (§3.3)")
-    p.add_argument("--out-dim", type=count, default=256, help="projector output and prototype dim d (§3.2)")
+    p.add_argument("--out-dim", type=count, default=256,
+                   help="projector output and prototype dim d (§3.2)")
     p.add_argument("--tau-teacher", type=positive, default=0.025, help="tau_g (§3.3)")
     p.add_argument("--tau-student", type=positive, default=0.1, help="tau_l (§3.3)")
-    p.add_argument("--sinkhorn", action="store_true", help="not in the paper: spread the teacher's targets evenly "
-                   "over the prototypes with Sinkhorn-Knopp, as MSN's released code does (see README)")
-    p.add_argument("--projector-bn", action="store_true", help="not in the paper: BatchNorm in the projector's "
-                   "hidden layers, as MSN's released code (see README)")
-    p.add_argument("--global-size", type=patch_multiple, default=224, help="global crop side (§3.2)")
+    p.add_argument("--sinkhorn", action=argparse.BooleanOptionalAction, default=True,
+                   help="Sinkhorn-Knopp on the teacher's targets (MSN config); --no-sinkhorn: Eq. "
+                   "2 as printed, which collapses on the toy faces")
+    p.add_argument("--projector-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="BatchNorm in the projector's hidden layers (MSN config); "
+                   "--no-projector-bn: §3.2's 3 plain layers")
+    p.add_argument("--global-size", type=patch_multiple, default=224, help="global crop side "
+                   "(§3.2)")
     p.add_argument("--local-size", type=patch_multiple, default=96, help="local crop side (§3.2)")
     p.add_argument("--n-global", type=count, default=2, help="M global views (DINO's 2)")
     p.add_argument("--n-local", type=count, default=8, help="N local views (unstated; DINO's 8)")
-    p.add_argument("--arcface", default=None, help="ONNX recogniser: enables the face-aware retrieval (§3)")
-    p.add_argument("--arcface-raw-input", action="store_true", help="the ONNX graph normalises inside (old MXNet "
-                   "exports): feed it 0..255")
-    p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below are displaced (§3)")
-    p.add_argument("--n-candidates", type=count, default=12, help="C local candidates per image with --arcface "
-                   "(at least --n-local)")
-    p.add_argument("--n-images", type=count, default=None, help="pretrain on this many images drawn at random by "
-                   "--seed (ProS-1M-real of Tables 1-4: 1000000 of MS1M; default: all)")
-    p.add_argument("--out", default="runs/pretrain", help="checkpoints and logs; an existing run resumes")
-    p.add_argument("--save-every", type=at_least(0), default=0, help="also checkpoint every this many steps "
-                   "(0: never)")
-    p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the last one is "
-                   "this many minutes old, so a crash loses at most that much (0: never)")
-    p.add_argument("--log-every", type=count, default=10, help="steps between log.jsonl lines and the checks "
-                   "(the loop reads the device only then); under torchrun, where Ctrl-C/SIGTERM stop")
-    p.add_argument("--workers", type=at_least(0), default=8, help="DataLoader processes per training process")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the "
-                   "networks (the loss stays fp32); default: on CUDA only. Faster on a CPU with native bf16 "
-                   "(AVX512-BF16, AMX), far slower on one without (README)")
+    p.add_argument("--arcface", default=None, help="ONNX recogniser: enables the face-aware "
+                   "retrieval (§3)")
+    p.add_argument("--arcface-raw-input", action="store_true", help="the ONNX graph normalises "
+                   "inside (old MXNet exports): feed it 0..255")
+    p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below "
+                   "are displaced (§3)")
+    p.add_argument("--n-candidates", type=count, default=12, help="C local candidates per image "
+                   "with --arcface (at least --n-local)")
+    p.add_argument("--n-images", type=count, default=None, help="pretrain on this many images "
+                   "drawn at random by --seed (ProS-1M-real of Tables 1-4: 1000000 of MS1M; "
+                   "default: all)")
+    p.add_argument("--out", default="runs/pretrain", help="checkpoints and logs; an existing run "
+                   "resumes")
+    p.add_argument("--save-every", type=at_least(0), default=0, help="also checkpoint every this "
+                   "many steps (0: never)")
+    p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the "
+                   "last one is this many minutes old, so a crash loses at most that much (0: "
+                   "never)")
+    p.add_argument("--log-every", type=count, default=10, help="steps between log.jsonl lines and "
+                   "the checks (the loop reads the device only then); under torchrun, where "
+                   "Ctrl-C/SIGTERM stop")
+    p.add_argument("--workers", type=at_least(0), default=8, help="DataLoader processes per "
+                   "training process")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 "
+                   "autocast of the networks (the loss stays fp32); default: on CUDA only. Faster "
+                   "on a CPU with native bf16 (AVX512-BF16, AMX), far slower on one without "
+                   "(python bench.py --bf16)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
-    p.add_argument("--knn-every", type=at_least(0), default=0, help="every this many epochs, a k-NN probe of the "
-                   "teacher on labelled attributes and expressions (0: never)")
-    p.add_argument("--knn-attr", default=None, help="CelebA-layout folder for the probe (default: the toy world's)")
-    p.add_argument("--knn-expr", default=None, help="RAF-DB-layout folder for the probe (default: the toy world's)")
-    p.add_argument("--knn-images", type=count, default=1000, help="at most this many train and test images per set")
     args = p.parse_args(argv)
     if args.arcface and args.n_candidates < args.n_local:
         p.error(f"--n-candidates {args.n_candidates}: expected at least --n-local ({args.n_local})")
@@ -103,8 +125,7 @@ def get_args(argv=None):
 
 
 # Flags that do not change what a run computes: where it writes, how it loads, logs and probes.
-NOT_SETTINGS = ("out", "data_root", "workers", "log_every", "save_every", "save_every_min",
-                "knn_every", "knn_attr", "knn_expr", "knn_images")
+NOT_SETTINGS = ("out", "data_root", "workers", "log_every", "save_every", "save_every_min")
 
 
 def run_settings(args, world, n_images):
@@ -115,7 +136,8 @@ def run_settings(args, world, n_images):
 
 
 def check_settings(saved, current, path):
-    """Refuse a checkpoint or result made with other settings: one line naming them and the ways out."""
+    """Refuse a checkpoint or result made with other settings: one line naming them and the ways
+    out."""
     way_out = f"choose another --out, or delete {os.path.dirname(path) or '.'} to start over"
     if saved is None:
         raise ValueError(f"{path} does not record the settings it was made with; {way_out}")
@@ -136,23 +158,28 @@ def setup_distributed():
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
     if cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():  # gloo for CPU tensors (logging, object gathers), NCCL for CUDA ones
+    # gloo for CPU tensors (logging, object gathers), NCCL for CUDA ones
+    if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def native_bf16(device):
-    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or
-    AMX. Elsewhere autocast emulates bf16: a ViT-S step was 24x slower than fp32 on an AVX2 CPU (README)."""
+    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere autocast emulates bf16, many times slower than fp32 (python
+    bench.py --bf16 measures it)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def use_bf16(flag, device):
-    """--bf16 / --no-bf16 as given (with a warning where bf16 is emulated); unset: bf16 autocast on CUDA only."""
+    """--bf16 / --no-bf16 as given (with a warning where bf16 is emulated); unset: bf16 autocast on
+    CUDA only."""
     if flag and not native_bf16(device):
-        print(f"warning: --bf16 on a {device.type} without native bf16 is emulated and far slower than fp32 "
+        print(f"warning: --bf16 on a {device.type} without native bf16 is emulated and far slower "
+              f"than fp32 "
               "(--no-bf16)", file=sys.stderr)
     return device.type == "cuda" if flag is None else flag
 
@@ -169,15 +196,17 @@ def all_mean(values):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written
+    checkpoint."""
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) and a cluster's preemption (SIGTERM) set `signum`; the training loop finishes its
-    step, saves and exits. A second Ctrl-C stops at once. On exit the previous handlers come back."""
+    """Ctrl-C (SIGINT) and a cluster's preemption (SIGTERM) set `signum`; the training loop
+    finishes its step, saves and exits. A second Ctrl-C stops at once. On exit the previous
+    handlers come back."""
 
     def __enter__(self):
         self.signum = 0
@@ -200,9 +229,11 @@ def checkpoint_due(saved_at, args):
 
 
 def stop_exit(signum, step, path):
-    """After an interruption's checkpoint: say where it is and how to resume; exit 128 + signal number."""
+    """After an interruption's checkpoint: say where it is and how to resume; exit 128 + signal
+    number."""
     if is_rank_zero():
-        print(f"\n{signal.Signals(signum).name} at step {step}: checkpoint {path}; run the same command "
+        print(f"\n{signal.Signals(signum).name} at step {step}: checkpoint {path}; run the same "
+              f"command "
               "again to resume", file=sys.stderr)
     raise SystemExit(128 + signum)
 
@@ -240,7 +271,8 @@ def rewind_log(path, step):
 
 
 def rng_state(device):
-    """The RNG states a resumed run restores: the CPU's and, on a GPU, the GPU's (drop-path draws there)."""
+    """The RNG states a resumed run restores: the CPU's and, on a GPU, the GPU's (drop-path draws
+    there)."""
     state = dict(rng=torch.get_rng_state())
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
@@ -254,8 +286,8 @@ def restore_rng(ckpt, device):
 
 
 def from_rank_zero(read, rank, world):
-    """read() on rank 0, and its result (or its error) on every process: on a cluster without a shared
-    filesystem only rank 0's disk holds the run's folder."""
+    """read() on rank 0, and its result (or its error) on every process: on a cluster without a
+    shared filesystem only rank 0's disk holds the run's folder."""
     box = [None]
     if rank == 0:
         try:
@@ -283,7 +315,8 @@ def load_resume(ckpt, path, settings, **parts):
         try:
             part.load_state_dict(ckpt[key])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{path}: cannot resume its '{key}' ({type(e).__name__}): a run with other settings? "
+            raise ValueError(f"{path}: cannot resume its '{key}' ({type(e).__name__}): a run with "
+                             f"other settings? "
                              "Delete it or choose another --out") from None
     return ckpt
 
@@ -291,10 +324,10 @@ def load_resume(ckpt, path, settings, **parts):
 # ----------------------------------------------------------------------------- data
 
 class Views(torch.utils.data.Dataset):
-    """Index epoch * n + i -> transform(item i). Each sample seeds its own RNG from (seed, index), so its
-    random crops do not depend on workers, ranks or resuming; with --workers 0 the seeding happens in a
-    fork of the training process's RNG, so drop-path draws the same as with workers. An unreadable item
-    gives its name (data.item_name), to be skipped and listed."""
+    """Index epoch * n + i -> transform(item i). Each sample seeds its own RNG from (seed, index),
+    so its random crops do not depend on workers, ranks or resuming; with --workers 0 the seeding
+    happens in a fork of the training process's RNG, so drop-path draws the same as with workers.
+    An unreadable item gives its name (data.item_name), to be skipped and listed."""
 
     def __init__(self, images, transform, seed):
         self.images, self.transform, self.seed = images, transform, seed
@@ -313,37 +346,43 @@ class Views(torch.utils.data.Dataset):
 
 
 def random_subset(images, n, seed):
-    """n of the dataset's images drawn at random by `seed` (ProS-1M-real: 1M of MS1M), in file order."""
+    """n of the dataset's images drawn at random by `seed` (ProS-1M-real: 1M of MS1M), in file
+    order."""
     if not 0 < n <= len(images):
-        raise ValueError(f"--n-images {n}: expected 1 to {len(images)}, the number of images in the dataset")
+        raise ValueError(f"--n-images {n}: expected 1 to {len(images)}, the number of images in "
+                         f"the dataset")
     picks = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
     return torch.utils.data.Subset(images, picks.sort().values.tolist())
 
 
 def collate(samples):
-    """Stack the readable samples; the unreadable ones, given by their names, ride along in 'skipped'
-    (never fatal; a batch with none readable has no views, and the training loop stops with an error)."""
+    """Stack the readable samples; the unreadable ones, given by their names, ride along in
+    'skipped' (never fatal; a batch with none readable has no views, and the training loop stops
+    with an error)."""
     ok = [s for s in samples if isinstance(s, dict)]
     views = {k: torch.stack([s[k] for s in ok]) for k in ok[0]} if ok else {}
     return dict(views, skipped=[s for s in samples if isinstance(s, str)])
 
 
 def epoch_loader(views, args, epoch, start_batch=0, *, world=1, rank=0, pin=False):
-    """This process's batches of `epoch`, from batch `start_batch` on (to resume mid-epoch); pin: pinned
-    host memory, for a GPU."""
-    sampler = DistributedSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    """This process's batches of `epoch`, from batch `start_batch` on (to resume mid-epoch); pin:
+    pinned host memory, for a GPU."""
+    sampler = DistributedSampler(views, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
     sampler.set_epoch(epoch)
     indices = [epoch * len(views) + i for i in sampler][start_batch * args.batch_size:]
     # its own generator: creating a loader must not advance the global RNG (exact resume)
     return DataLoader(views, batch_size=args.batch_size, sampler=indices, num_workers=args.workers,
-                      collate_fn=collate, pin_memory=pin, drop_last=True, worker_init_fn=ignore_stop_signals,
+                      collate_fn=collate, pin_memory=pin, drop_last=True,
+                      worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
 # ----------------------------------------------------------------------------- model
 
 class Encoder(nn.Module):
-    """Backbone + projector: teacher and student have this same layout (DINO's keys: backbone.*, head.*)."""
+    """Backbone + projector: teacher and student have this same layout (DINO's keys: backbone.*,
+    head.*)."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -354,7 +393,8 @@ class Encoder(nn.Module):
 
 
 class ProS(nn.Module):
-    """The trainable part, wrapped whole by DDP: student encoder and prototypes (inside the loss)."""
+    """The trainable part, wrapped whole by DDP: student encoder and prototypes (inside the
+    loss)."""
 
     def __init__(self, student, criterion):
         super().__init__()
@@ -367,46 +407,56 @@ class ProS(nn.Module):
 
 
 def build_models(args):
-    """(ProS student module, teacher encoder): the teacher starts as a copy of the student (§3.3)."""
+    """(ProS student module, teacher encoder): the teacher starts as a copy of the student
+    (§3.3)."""
     def make(drop):
         backbone = ARCHS[args.arch](drop_path_rate=drop)
-        return Encoder(backbone, ProjectionHead(backbone.embed_dim, args.out_dim, batch_norm=args.projector_bn))
+        return Encoder(backbone, ProjectionHead(backbone.embed_dim, args.out_dim,
+                                                batch_norm=args.projector_bn))
     student, teacher = make(args.drop_path), make(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    criterion = PrototypeLoss(args.n_prototypes, args.out_dim, args.tau_teacher, args.tau_student, args.sinkhorn)
+    criterion = PrototypeLoss(args.n_prototypes, args.out_dim, args.tau_teacher, args.tau_student,
+                              args.sinkhorn)
     return ProS(student, criterion), teacher
 
 
-def param_groups(model, weight_decay):
+def param_groups(model):
+    """[decayed, not decayed]: MSN decays every weight matrix (position embedding and cls token
+    too), not biases, norms (1-D) or the prototypes. The weight decay is set at each step."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if no_weight_decay(name, p) or name.endswith("prototypes") else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        (no_decay if p.ndim <= 1 or name.endswith("prototypes") else decay).append(p)
+    return [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
 
 
 def select_local_views(batch, arcface, args, generator, device):
-    """Face-aware retrieval for a batch: one recogniser call on all raw crops (on the GPU when there is
-    one), keep N of C candidates. Returns the uint8 local views (B, N, 3, L, L) and the selection counts."""
+    """Face-aware retrieval for a batch: one recogniser call on all raw crops (on the GPU when
+    there is one), keep N of C candidates. Returns the uint8 local views (B, N, 3, L, L) and the
+    selection counts."""
     local = batch["local_views"]
     if arcface is None:
         return local, {}
     B, n_raw = batch["raw"].shape[:2]
-    raw = batch["raw"].to(device, non_blocking=True).flatten(0, 1)  # (B * (M + C), 3, 112, 112) uint8
+    # (B * (M + C), 3, 112, 112) uint8
+    raw = batch["raw"].to(device, non_blocking=True).flatten(0, 1)
     emb = arcface.embed(raw).view(B, n_raw, -1).cpu()  # (B, M + C, D)
     idx, stats = select_batch(emb, args.n_global, args.n_local, args.face_threshold, generator)
     return local[torch.arange(B)[:, None], idx], stats
 
 
-def training_step(model, teacher, optimizer, global_views, local_views, *, lr, momentum, clip_grad, bf16):
+def training_step(model, teacher, optimizer, global_views, local_views, *, at, clip_grad, bf16):
     """One ProS step: teacher on the global views, student on the local views, Eq. 2, AdamW, EMA.
 
-    global_views (B, M, 3, G, G), local_views (B, N, 3, L, L) on the model's device; bf16: autocast the
+    global_views (B, M, 3, G, G), local_views (B, N, 3, L, L) on the model's device; at: this step's
+    lr, weight_decay and momentum (schedules(); a test may give fixed ones); bf16: autocast the
     networks. Returns the loss stats, 0-d tensors on the device.
     """
     device = global_views.device
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = at["lr"]
+    # the decayed group (param_groups)
+    optimizer.param_groups[0]["weight_decay"] = at["weight_decay"]
     B, M = global_views.shape[:2]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         with torch.no_grad():
@@ -414,11 +464,27 @@ def training_step(model, teacher, optimizer, global_views, local_views, *, lr, m
         loss, stats = model(local_views, z_teacher)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    optimizer.step()
     student = model.module.student if isinstance(model, DistributedDataParallel) else model.student
-    ema_update(teacher, student, momentum)
+    # MSN: encoder only
+    stats["grad_norm"] = nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
+    optimizer.step()
+    ema_update(teacher, student, at["momentum"])
     return stats
+
+
+def schedules(args, total_steps, steps_per_epoch, scale):
+    """step -> {lr, weight_decay, momentum}: pure functions of the step, so a resumed run follows
+    the same curves. lr: linear warmup then cosine to --min-lr (§3.3), scaled by global batch /
+    256; weight decay and EMA momentum as MSN's code, over 1.25x the run."""
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+
+    def at(step):
+        return dict(lr=cosine_schedule(step, total_steps, args.lr * scale, args.min_lr, warmup,
+                                       args.warmup_lr * scale),
+                    weight_decay=weight_decay_schedule(step, total_steps, args.weight_decay,
+                                                       args.final_weight_decay),
+                    momentum=momentum_schedule(step, total_steps, args.momentum_teacher))
+    return at
 
 
 # ----------------------------------------------------------------------------- collapse
@@ -427,9 +493,10 @@ COLLAPSED_SHARE = 0.25  # under a quarter of the prototypes a batch's global vie
 
 
 def collapse_state(row, args):
-    """(share, 'collapsed' or 'healthy'): the share of the prototypes the teacher's predictions reach in
-    a batch, of the most they could (min(K, the process's global views)). A collapsed teacher sends
-    nearly every image to a handful of prototypes, and its targets teach the student nothing."""
+    """(share, 'collapsed' or 'healthy'): the share of the prototypes the teacher's predictions
+    reach in a batch, of the most they could (min(K, the process's global views)). A collapsed
+    teacher sends nearly every image to a handful of prototypes, and its targets teach the student
+    nothing."""
     share = row["prototypes_used"] / min(args.n_prototypes, args.batch_size * args.n_global)
     return share, "collapsed" if share < COLLAPSED_SHARE else "healthy"
 
@@ -439,12 +506,13 @@ def summary(row, args):
     if row is None:
         return "no logged step"
     share, state = collapse_state(row, args)
-    text = (f"teacher predictions on {row['prototypes_used']:.0f} prototypes a batch ({share:.0%} of "
-            f"those reachable), teacher entropy {row['teacher_entropy']:.2f}, student entropy "
+    text = (f"teacher predictions on {row['prototypes_used']:.0f} prototypes a batch ({share:.0%} "
+            f"of those reachable), teacher entropy {row['teacher_entropy']:.2f}, student entropy "
             f"{row['student_entropy']:.2f} of ln K = {math.log(args.n_prototypes):.2f}")
     if state == "collapsed":
-        text += ("; COLLAPSED: the teacher assigns nearly every image to a few prototypes (--sinkhorn "
-                 "and --projector-bn keep them spread)")
+        text += "; COLLAPSED: the teacher assigns nearly every image to a few prototypes"
+        if not (args.sinkhorn and args.projector_bn):
+            text += " (--sinkhorn and --projector-bn, the defaults, keep them spread)"
     return text
 
 
@@ -457,71 +525,6 @@ def last_row(path):
     return rows[-1] if rows else None
 
 
-# ----------------------------------------------------------------------------- k-NN probe
-
-def knn_sets(args):
-    """{name: (train items, test items, multi_label)} for the probe: the attributes of a CelebA-layout
-    folder and the expressions of a RAF-DB-layout folder, the toy world's unless given."""
-    from finetune_attr import read_celeba
-    from finetune_expr import read_rafdb
-    attr, expr = args.knn_attr, args.knn_expr
-    if attr is None and expr is None:
-        import toyfaces
-        world = toyfaces.ensure_world(data_root(args.data_root))
-        attr, expr = os.path.join(world, "celeba"), os.path.join(world, "rafdb")
-    n, sets = args.knn_images, {}
-    if attr:
-        d = read_celeba(attr)
-        sets["knn_attr"] = (d["train"][:n], d["test"][:n], True)
-    if expr:
-        d = read_rafdb(expr)
-        one_hot = lambda items: [(p, torch.nn.functional.one_hot(torch.tensor(y), 7).float()) for p, y in items]
-        sets["knn_expr"] = (one_hot(d["train"][:n]), one_hot(d["test"][:n]), False)
-    return sets
-
-
-@torch.no_grad()
-def features(backbone, items, size, device):
-    """L2-normalised cls features (after the final norm) and stacked labels of (path, label) items."""
-    from finetune import LabelledImages, collate, image_transform
-    images = Views(LabelledImages(items, image_transform(size, False)), None, 0)
-    loader = DataLoader(images, batch_size=128, collate_fn=collate)
-    feats, labels = [], []
-    for images, y, _ in loader:
-        if images is not None:
-            feats.append(F.normalize(backbone(normalize(images.to(device))).float(), dim=-1).cpu())
-            labels.append(torch.as_tensor(y).float())
-    if not feats:
-        raise ValueError(f"k-NN probe: none of the {len(items)} images was readable (first: {items[0][0]})")
-    return torch.cat(feats), torch.cat(labels)
-
-
-def knn_vote(bank, bank_labels, queries, k=20, temperature=0.07, chunk=256):
-    """DINO's weighted k-NN: each query's label scores are the neighbours' labels weighted by
-    exp(cosine / T), over its k nearest (cosine) neighbours; chunked so memory stays bounded."""
-    out = []
-    for q in queries.split(chunk):
-        sim, idx = (q @ bank.T).topk(min(k, len(bank)), dim=1)  # (chunk, k)
-        w = (sim / temperature).exp()
-        out.append((w[..., None] * bank_labels[idx]).sum(1) / w.sum(1, keepdim=True))
-    return torch.cat(out)
-
-
-def knn_probe(backbone, sets, size, device):
-    """{'knn_attr': mean attribute accuracy, 'knn_expr': expression accuracy} in %."""
-    was_training = backbone.training
-    backbone.eval()
-    result = {}
-    for name, (train, test, multi_label) in sets.items():
-        (bank, bank_y), (q, q_y) = features(backbone, train, size, device), features(backbone, test, size, device)
-        votes = knn_vote(bank, bank_y, q)
-        correct = ((votes > 0.5) == (q_y > 0.5)).float().mean() if multi_label else \
-            (votes.argmax(1) == q_y.argmax(1)).float().mean()
-        result[name] = correct.item() * 100
-    backbone.train(was_training)
-    return result
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -531,9 +534,9 @@ def main(args):
 
 
 def train(args, stop):
-    # the probe's labelled sets before the process group: building them (the toy world's, generated on
-    # first use) can take longer than the other processes would wait in their first collective
-    probe_sets = knn_sets(args) if args.knn_every and is_rank_zero() else None
+    # before the process group: generating it takes longer than a collective waits
+    if args.data == "toy":
+        toyfaces.ensure_world(data_root(args.data_root))
     rank, world, device = setup_distributed()
     args.bf16 = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
@@ -549,39 +552,44 @@ def train(args, stop):
     elif rank == 0:
         print("no --arcface: local crops are uncurated (no face-aware retrieval)")
     multicrop = MultiCrop(args.global_size, args.local_size, args.n_global, args.n_local,
-                          args.n_candidates if arcface else args.n_local, recognizer_size=112 if arcface else None)
+                          args.n_candidates if arcface else args.n_local, recognizer_size=112
+                          if arcface else None)
     views = Views(images, multicrop, args.seed)
 
     model, teacher = build_models(args)
-    if world > 1 and args.projector_bn and device.type == "cuda":  # batch statistics over all GPUs (MSN)
+    # batch statistics over all GPUs (MSN)
+    if world > 1 and args.projector_bn and device.type == "cuda":
         model, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (model, teacher))
     model.to(device)
     teacher.to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+    ddp = DistributedDataParallel(model, device_ids=[device.index]
+                                  if device.type == "cuda" else None) \
         if world > 1 else model
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model), fused=device.type == "cuda")
 
     global_batch = args.batch_size * world
     steps_per_epoch = len(images) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"dataset {args.data}: {len(images)} images, fewer than one global batch of {global_batch}")
+        raise ValueError(f"dataset {args.data}: {len(images)} images, fewer than one global batch "
+                         f"of {global_batch}")
     total_steps = args.epochs * steps_per_epoch
     scale = global_batch / 256  # linear scaling rule: the paper's rates are for 64 x 4 = 256 images
-    lr_at = lambda s: cosine_schedule(s, total_steps, args.lr * scale, args.min_lr,
-                                      int(args.warmup_epochs * steps_per_epoch), args.warmup_lr * scale)
+    at = schedules(args, total_steps, steps_per_epoch, scale)
 
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     log_path = os.path.join(args.out, "log.jsonl")
     skipped_path = os.path.join(args.out, "skipped.txt")
     step, skipped = 0, set()  # skipped: the unreadable images or records, each once
     ckpt = from_rank_zero(lambda: read_if_there(ckpt_path), rank, world)
-    if ckpt is not None:  # every process loads rank 0's checkpoint: teacher and student alike everywhere
+    # every process loads rank 0's checkpoint: teacher and student alike everywhere
+    if ckpt is not None:
         load_resume(ckpt, ckpt_path, settings, student=model, teacher=teacher, optimizer=optimizer)
         step, skipped = ckpt["step"], set(ckpt["skipped"])
         restore_rng(ckpt, device)
         if rank == 0:
             print(f"resuming {ckpt_path} at step {step} of {total_steps}" if step < total_steps else
-                  f"{args.out} holds this run, complete ({step} steps): nothing to train; delete it or "
+                  f"{args.out} holds this run, complete ({step} steps): nothing to train; delete "
+                  f"it or "
                   "choose another --out to train again")
 
     if rank == 0:
@@ -592,14 +600,16 @@ def train(args, stop):
             save_atomic(dict(student=model.state_dict(), teacher=teacher.state_dict(),
                              optimizer=optimizer.state_dict(), step=step, skipped=sorted(skipped),
                              args=vars(args), settings=settings, **rng_state(device)), ckpt_path)
-            save_atomic(teacher.backbone.state_dict(), os.path.join(args.out, "teacher_backbone.pth"))
+            save_atomic(teacher.backbone.state_dict(),
+                        os.path.join(args.out, "teacher_backbone.pth"))
             if skipped:
                 write_lines(skipped_path, sorted(skipped))
 
     if rank == 0 and step < total_steps:
         print(f"{len(images)} images, global batch {global_batch} ({world} x {args.batch_size}), "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {args.lr * scale:.2e}")
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain",
+               dynamic_ncols=True)
     log = open(log_path, "a") if rank == 0 else None
     tick, tick_step, saved_at = time.time(), step, time.time()
     pending_skipped = []  # this process's unreadable items since the last logging step
@@ -613,17 +623,18 @@ def train(args, stop):
                                  f"unreadable, e.g. {batch['skipped'][0]}")
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             local_views, rstats = select_local_views(batch, arcface, args, generator, device)
-            lr, momentum = lr_at(step), momentum_schedule(step, total_steps, args.momentum_teacher)
+            now = at(step)
             global_views, local_views = (normalize(v.to(device, non_blocking=True))
                                          for v in (batch["global_views"], local_views))
-            stats = training_step(ddp, teacher, optimizer, global_views, local_views, lr=lr,
-                                  momentum=momentum, clip_grad=args.clip_grad, bf16=args.bf16)
+            stats = training_step(ddp, teacher, optimizer, global_views, local_views, at=now,
+                                  clip_grad=args.clip_grad, bf16=args.bf16)
             step += 1
             bar.update(1)
             pending_skipped += batch["skipped"]
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             by_steps = args.save_every and step % args.save_every == 0
-            alone_stopping = world == 1 and stop.signum  # one process needs no collective to stop now
+            # one process needs no collective to stop now
+            alone_stopping = world == 1 and stop.signum
             if not (step % args.log_every == 0 or epoch_end or by_steps or alone_stopping):
                 continue  # no host sync between logging steps
             # a logging step, the same on every process: one all-reduce for the log and the checks
@@ -636,19 +647,20 @@ def train(args, stop):
                 skipped.update(gather_names(pending_skipped, world))
             pending_skipped = []
             if not math.isfinite(stats["loss"]):
-                raise FloatingPointError(f"non-finite loss at step {step}; the last good checkpoint is "
-                                         f"{ckpt_path}")
+                raise FloatingPointError(f"non-finite loss at step {step}; the last good "
+                                         f"checkpoint is {ckpt_path}")
             if rank == 0:
                 rate = (step - tick_step) * global_batch / (time.time() - tick)
                 reject = rstats["rejected"] / rstats["candidates"] if rstats else 0.0
                 share, state = collapse_state(stats, args)
-                row = dict(step=step, epoch=step / steps_per_epoch, lr=lr, momentum=momentum,
+                row = dict(step=step, epoch=step / steps_per_epoch, **now,
                            images_per_s=rate, reject_rate=reject, skipped=len(skipped), **stats,
                            prototype_share=share, state=state)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", ce=f"{stats['cross_entropy']:.3f}",
-                                H=f"{stats['mean_entropy']:.2f}", protos=f"{share:.0%}", lr=f"{lr:.1e}",
+                                H=f"{stats['mean_entropy']:.2f}", protos=f"{share:.0%}",
+                                lr=f"{now['lr']:.1e}",
                                 img_s=f"{rate:.0f}", reject=f"{reject:.0%}",
                                 **({"state": "COLLAPSED"} if state == "collapsed" else {}))
                 tick, tick_step = time.time(), step
@@ -658,20 +670,14 @@ def train(args, stop):
             if stopping:
                 bar.close()
                 stop_exit(stop.signum or signal.SIGTERM, step, ckpt_path)
-            if probe_sets and step % (args.knn_every * steps_per_epoch) == 0:
-                probe_start = time.time()
-                knn = knn_probe(teacher.backbone, probe_sets, args.global_size, device)
-                log.write(json.dumps(dict(step=step, epoch=step / steps_per_epoch, **knn)) + "\n")
-                log.flush()
-                bar.write(f"epoch {step // steps_per_epoch} k-NN: "
-                          + ", ".join(f"{k} {v:.1f}%" for k, v in knn.items()))
-                tick += time.time() - probe_start  # the probe's time is not training throughput
             if step >= total_steps:
                 break
     bar.close()
     if rank == 0:
-        print(f"done: {total_steps} steps; teacher backbone in {os.path.join(args.out, 'teacher_backbone.pth')}"
-              + (f"; {len(skipped)} unreadable images skipped, listed in {skipped_path}" if skipped else "")
+        print(f"done: {total_steps} steps; teacher backbone in "
+              f"{os.path.join(args.out, 'teacher_backbone.pth')}"
+              + (f"; {len(skipped)} unreadable images skipped, listed in {skipped_path}"
+                 if skipped else "")
               + f"\nat the end: {summary(last_row(log_path), args)}")
     if dist.is_initialized():
         dist.destroy_process_group()

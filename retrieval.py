@@ -1,14 +1,14 @@
-"""Face-aware retrieval (paper §3, Fig. 3): keep the local crops that an ArcFace recogniser finds similar
-to the global crops of the same image, displace the rest.
+"""Face-aware retrieval (paper §3, Fig. 3): keep the local crops that an ArcFace recogniser finds
+similar to the global crops of the same image, displace the rest.
 
     python retrieval.py --arcface w600k_r50.onnx img1.jpg img2.jpg --out figure3.png
 
 `ArcFace` runs any insightface-style recognition model with onnxruntime (docs/formats.md): one
-input (B, 3, H, W) RGB in (x - 127.5) / 127.5, H and W read from the model, output an embedding that we
-L2-normalise. `select` applies the paper's rule with threshold theta = -0.5: a candidate whose cosine
-similarity to the global crops is below theta is dropped, and the N local slots are filled from those
-that pass. The figure draws, per image, its global crops, the uncurated local crops (rejected ones framed
-in red, each with its similarity) and the curated crops that are kept.
+input (B, 3, H, W) RGB in (x - 127.5) / 127.5, H and W read from the model, output an embedding
+that we L2-normalise. `select` applies the paper's rule with threshold theta = -0.5: a candidate
+whose cosine similarity to the global crops is below theta is dropped, and the N local slots are
+filled from those that pass. The figure draws, per image, its global crops, the uncurated local
+crops (rejected ones framed in red, each with its similarity) and the curated crops that are kept.
 """
 import os
 
@@ -21,24 +21,26 @@ from data import ArgumentParser, at_least, run_cli, to_rgb
 
 
 def onnx_providers(available):
-    """onnxruntime's providers: CUDA on this process's GPU where there is one (under torchrun LOCAL_RANK's,
-    which pretrain.setup_distributed makes current; onnxruntime would take GPU 0), then the CPU. With
-    CUDA there and no CUDA provider, an error: ArcFace(providers=["CPUExecutionProvider"]) says so."""
+    """onnxruntime's providers: CUDA on this process's GPU where there is one (under torchrun
+    LOCAL_RANK's, which pretrain.setup_distributed makes current; onnxruntime would take GPU 0),
+    then the CPU. With CUDA there and no CUDA provider, an error:
+    ArcFace(providers=["CPUExecutionProvider"]) says so."""
     if not torch.cuda.is_available():
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in available:  # the recogniser would silently run on the CPU
         raise ValueError("CUDA is available but onnxruntime has no CUDA provider (the CPU build "
-                         "'onnxruntime' is installed, or an onnxruntime-gpu for another CUDA version): "
-                         "pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
-    return [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
+                         "'onnxruntime' is installed, or an onnxruntime-gpu for another CUDA "
+                         "version): pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+    return [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}),
+            "CPUExecutionProvider"]
 
 
 class ArcFace:
     """An ONNX face recogniser. The onnxruntime session is created on first use, in the process that
     uses it, so the object can be pickled to DataLoader workers.
 
-    normalize=False is for old MXNet-converted graphs whose first nodes subtract and scale by themselves:
-    they are fed raw 0..255 values, as insightface does.
+    normalize=False is for old MXNet-converted graphs whose first nodes subtract and scale by
+    themselves: they are fed raw 0..255 values, as insightface does.
     """
 
     def __init__(self, onnx_path, providers=None, threads=None, normalize=True):
@@ -58,7 +60,8 @@ class ArcFace:
         if self._session is None:
             import onnxruntime as ort
             opts = ort.SessionOptions()
-            # one call per training step between torch work: idle onnxruntime threads must not spin on the cores
+            # one call per training step between torch work: idle onnxruntime threads must not spin
+            # on the cores
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if self.threads:
                 opts.intra_op_num_threads = self.threads
@@ -66,30 +69,38 @@ class ArcFace:
             try:
                 self._session = ort.InferenceSession(self.path, opts, providers=providers)
             except Exception as e:
-                raise ValueError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0][:120]})") from None
+                raise ValueError(f"{self.path}: not a loadable ONNX model "
+                                 f"({str(e).splitlines()[0][:120]})") from None
             inp = self._session.get_inputs()[0]
-            if len(inp.shape) != 4 or inp.shape[1] != 3 or not all(isinstance(s, int) for s in inp.shape[2:]):
-                raise ValueError(f"{self.path}: input {inp.name} has shape {inp.shape}, expected (B, 3, H, W)")
+            fixed_side = all(isinstance(s, int) for s in inp.shape[2:])
+            if len(inp.shape) != 4 or inp.shape[1] != 3 or not fixed_side:
+                raise ValueError(f"{self.path}: input {inp.name} has shape {inp.shape}, expected "
+                                 f"(B, 3, H, W)")
             self.input_name, self.size = inp.name, tuple(inp.shape[2:])
             self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         return self._session
 
     def preprocess(self, images):
-        """uint8 RGB (B, 3, H, W) tensor or a list of PIL images -> float32 (B, 3, h, w) model input."""
+        """uint8 RGB (B, 3, H, W) tensor or a list of PIL images -> float32 (B, 3, h, w) model
+        input."""
         self.session  # reads the model's input size
         if isinstance(images, (list, tuple)):  # PIL images may differ in size: resize each
             return torch.cat([self.preprocess(pil_to_tensor(to_rgb(im))[None]) for im in images])
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        # one float copy, normalised in place: a second full-batch copy cost more than the recogniser itself
+            raise ValueError(f"expected uint8 RGB images (B, 3, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        # one float copy, normalised in place: a second full-batch copy cost more than the
+        # recogniser itself
         x = images.float()
         if tuple(x.shape[2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True,
+                              align_corners=False)
         return x.sub_(127.5).div_(127.5) if self.normalize else x
 
     def run(self, x):
-        """(B, 3, h, w) float32 -> (B, D) raw embeddings: one call per batch, or, for a graph with a fixed
-        batch, one per chunk of that size (a last, short chunk padded), on the CPU or the GPU alike."""
+        """(B, 3, h, w) float32 -> (B, D) raw embeddings: one call per batch, or, for a graph with
+        a fixed batch, one per chunk of that size (a last, short chunk padded), on the CPU or the
+        GPU alike."""
         size = self.fixed_batch or len(x)
         outs = []
         for chunk in x.split(size):
@@ -106,7 +117,8 @@ class ArcFace:
         return torch.from_numpy(self.session.run(None, {self.input_name: x.cpu().numpy()})[0])
 
     def _run_cuda(self, x):
-        """onnxruntime-gpu fed straight from a CUDA tensor through IO binding: no host round trip."""
+        """onnxruntime-gpu fed straight from a CUDA tensor through IO binding: no host round
+        trip."""
         x = x.contiguous().float()
         torch.cuda.current_stream(x.device).synchronize()  # onnxruntime reads x on its own stream
         out_meta = self.session.get_outputs()[0]
@@ -119,7 +131,8 @@ class ArcFace:
 
     @torch.no_grad()
     def embed(self, images):
-        """uint8 RGB (B, 3, H, W) tensor (any H, W) or list of PIL images -> (B, D) float32, unit norm."""
+        """uint8 RGB (B, 3, H, W) tensor (any H, W) or list of PIL images -> (B, D) float32, unit
+        norm."""
         return F.normalize(self.run(self.preprocess(images)).float(), dim=-1)
 
 
@@ -152,7 +165,8 @@ def select(global_emb, local_emb, n_local, threshold=-0.5, generator=None):
         order = passing[torch.randperm(n_pass, generator=generator)]
         extra = order[torch.randint(n_pass, (max(0, n_local - n_pass),), generator=generator)]
         indices = torch.cat([order[:n_local], extra])
-    stats = dict(candidates=len(sim), rejected=len(sim) - n_pass, reused=max(0, n_local - n_pass) if n_pass else 0,
+    stats = dict(candidates=len(sim), rejected=len(sim) - n_pass, reused=max(0, n_local - n_pass)
+                 if n_pass else 0,
                  fallbacks=int(n_pass == 0))
     return indices, stats
 
@@ -170,8 +184,9 @@ def select_batch(embeddings, n_global, n_local, threshold=-0.5, generator=None):
 # ----------------------------------------------------------------------------- Figure 3
 
 def figure3(arcface, images, n_local=8, n_candidates=12, threshold=-0.5, seed=0):
-    """Per image (PIL): its global crops, the uncurated local crops (what the student sees without the
-    retrieval; rejected ones framed in red, every one with its similarity) and the curated ones kept."""
+    """Per image (PIL): its global crops, the uncurated local crops (what the student sees without
+    the retrieval; rejected ones framed in red, every one with its similarity) and the curated ones
+    kept."""
     from crops import MultiCrop, contact_sheet
     torch.manual_seed(seed)
     mc = MultiCrop(n_local=n_local, n_candidates=n_candidates)
@@ -182,7 +197,8 @@ def figure3(arcface, images, n_local=8, n_candidates=12, threshold=-0.5, seed=0)
         sim = similarity(emb[:len(g)], emb[len(g):])
         keep, _ = select(emb[:len(g)], emb[len(g):], n_local, threshold)
         rows += [g, l[:n_local], [l[i] for i in keep]]
-        boxes += [[None] * len(g), [(255, 0, 0) if s < threshold else None for s in sim[:n_local]], [None] * n_local]
+        boxes += [[None] * len(g), [(255, 0, 0) if s < threshold else None for s in sim[:n_local]],
+                  [None] * n_local]
         captions += [["global"] + [None] * (len(g) - 1), [f"{s:.2f}" for s in sim[:n_local]],
                      ["curated"] + [None] * (n_local - 1)]
     return contact_sheet(rows, boxes=boxes, captions=captions)
@@ -192,10 +208,13 @@ def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("images", nargs="+", help="face images")
     p.add_argument("--arcface", required=True, help="ONNX recognition model (insightface layout)")
-    p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below are displaced (§3)")
+    p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below "
+                   "are displaced (§3)")
     p.add_argument("--n-local", type=at_least(1), default=8, help="N local crops")
-    p.add_argument("--n-candidates", type=at_least(1), default=12, help="local candidates C per image")
-    p.add_argument("--raw-input", action="store_true", help="the graph normalises inside (old MXNet exports)")
+    p.add_argument("--n-candidates", type=at_least(1), default=12, help="local candidates C per "
+                   "image")
+    p.add_argument("--raw-input", action="store_true", help="the graph normalises inside (old "
+                   "MXNet exports)")
     p.add_argument("--out", default="figure3.png", help="the Fig. 3 sheet (PNG)")
     a = p.parse_args()
     from data import load_image
@@ -203,7 +222,8 @@ def main():
     bad = [path for path, img in zip(a.images, images) if img is None]
     if bad:
         raise ValueError(f"{bad[0]}: not a readable image")
-    sheet = figure3(ArcFace(a.arcface, normalize=not a.raw_input), images, a.n_local, a.n_candidates, a.face_threshold)
+    sheet = figure3(ArcFace(a.arcface, normalize=not a.raw_input), images, a.n_local,
+                    a.n_candidates, a.face_threshold)
     sheet.save(a.out)
     print(f"wrote {a.out}")
 

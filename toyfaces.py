@@ -1,5 +1,5 @@
-"""A procedural face world, so that every part of ProS runs on a laptop CPU (cf. the synthetic faces of
-paper §3.4 and Fig. 4, which are StyleGAN2's).
+"""A procedural face world, so that every part of ProS runs on a laptop CPU (cf. the synthetic
+faces of paper §3.4 and Fig. 4, which are StyleGAN2's).
 
     python toyfaces.py --out data/toy --images 4000 --seed 0
 
@@ -8,11 +8,11 @@ varies pose, expression (the 7 RAF-DB classes), accessories, lighting, backgroun
 The 68 iBUG landmarks come from the same geometry that draws the face. The world is written in the
 real on-disk formats (docs/formats.md), so the readers of real data read it:
 
-    DIR/ms1m/     train.rec, train.idx, property      insightface RecordIO, identity labels (pretraining)
-    DIR/celeba/   img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt   (attributes)
-    DIR/rafdb/    EmoLabel/list_patition_label.txt, Image/aligned/                     (expressions)
-    DIR/300w/     afw/, helen/{trainset,testset}/, lfpw/{trainset,testset}/, ibug/  (.pts landmarks)
-    DIR/arcface.onnx   a small recogniser trained on the toy identities with the ArcFace loss
+    DIR/ms1m/         train.rec, train.idx, property: insightface RecordIO    (pretraining)
+    DIR/celeba/       img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt
+    DIR/rafdb/        EmoLabel/list_patition_label.txt, Image/aligned/       (expressions)
+    DIR/300w/         afw/, helen/, lfpw/, ibug/ with .pts landmarks         (alignment)
+    DIR/arcface.onnx  a small recogniser trained on the toy identities with the ArcFace loss
 
 The same seed gives byte-identical files.
 """
@@ -36,41 +36,52 @@ from tqdm import tqdm
 from data import RECORDIO_MAGIC, ArgumentParser, at_least
 from loss import cosine_schedule
 
-EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]  # RAF-DB 1..7
+# RAF-DB 1..7
+EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
 ATTRIBUTES = ["Arched_Eyebrows", "Bald", "Bangs", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry",
-              "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses", "Goatee", "Gray_Hair", "Mouth_Slightly_Open",
+              "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses", "Goatee", "Gray_Hair",
+              "Mouth_Slightly_Open",
               "Mustache", "Narrow_Eyes", "No_Beard", "Pale_Skin", "Rosy_Cheeks", "Smiling",
-              "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick"]  # CelebA's names, CelebA's order
-HAIR = {"black": (25, 22, 20), "blond": (222, 190, 120), "brown": (110, 70, 40), "gray": (165, 165, 160),
-        "red": (170, 60, 30)}
+              "Wearing_Earrings", "Wearing_Hat",
+              "Wearing_Lipstick"]  # CelebA's names, CelebA's order
+HAIR = {"black": (25, 22, 20), "blond": (222, 190, 120), "brown": (110, 70, 40),
+        "gray": (165, 165, 160), "red": (170, 60, 30)}
 SKIN = [(250, 225, 205), (235, 195, 160), (205, 160, 120), (165, 115, 80), (115, 75, 50)]
 PALE = (255, 240, 230)
 SS = 2  # supersampling factor: draw at 2x, then downsample (antialiasing)
 
-# ----------------------------------------------------------------------------- identities and images
+# ----------------------------------------------------------------------------- identities and
+# images
 
 
 def identity_traits(seed, ident):
     """The fixed traits of one identity (its own RNG stream, so identities are stable)."""
     r = np.random.default_rng([seed, 7, ident])
     bald = r.random() < 0.1
-    return dict(
-        face_w=r.uniform(0.85, 1.0), face_h=r.uniform(1.2, 1.4), taper=r.uniform(0.05, 0.3),
-        pale=r.random() < 0.2, skin=np.array(SKIN[r.integers(len(SKIN))]) + r.integers(-12, 12, 3),
-        eye_dx=r.uniform(0.32, 0.44), eye_y=r.uniform(-0.22, -0.1), eye_w=r.uniform(0.13, 0.19),
-        narrow=r.random() < 0.25, iris=np.array([(70, 45, 25), (60, 110, 160), (70, 120, 70), (30, 25, 20)][r.integers(4)]),
-        bushy=r.random() < 0.3, arched=r.random() < 0.35, nose_len=r.uniform(0.3, 0.4),
-        big_nose=r.random() < 0.3, mouth_y=r.uniform(0.52, 0.62), mouth_w=r.uniform(0.27, 0.36),
-        lip=np.array([(190, 110, 100), (170, 95, 90), (200, 125, 115)][r.integers(3)]),
-        bald=bald, hair=["black", "blond", "brown", "gray", "red"][r.choice(5, p=[.3, .2, .25, .15, .1])],
-        style="none" if bald else ["short", "long", "bangs"][r.integers(3)],
-        mustache=r.random() < 0.25, goatee=r.random() < 0.2, eyeglass_p=r.choice([0.05, 0.8], p=[.8, .2]),
-        lipstick_p=r.choice([0.05, 0.85], p=[.75, .25]), earring_p=r.choice([0.05, 0.8], p=[.7, .3]),
-    )
+    return dict(face_w=r.uniform(0.85, 1.0), face_h=r.uniform(1.2, 1.4),
+                taper=r.uniform(0.05, 0.3), pale=r.random() < 0.2,
+                skin=np.array(SKIN[r.integers(len(SKIN))]) + r.integers(-12, 12, 3),
+                eye_dx=r.uniform(0.32, 0.44), eye_y=r.uniform(-0.22, -0.1),
+                eye_w=r.uniform(0.13, 0.19), narrow=r.random() < 0.25,
+                iris=np.array([(70, 45, 25), (60, 110, 160), (70, 120, 70),
+                               (30, 25, 20)][r.integers(4)]), bushy=r.random() < 0.3,
+                arched=r.random() < 0.35, nose_len=r.uniform(0.3, 0.4), big_nose=r.random() < 0.3,
+                mouth_y=r.uniform(0.52, 0.62), mouth_w=r.uniform(0.27, 0.36),
+                lip=np.array([(190, 110, 100), (170, 95, 90), (200, 125, 115)][r.integers(3)]),
+                bald=bald,
+                hair=["black", "blond", "brown", "gray",
+                      "red"][r.choice(5, p=[.3, .2, .25, .15, .1])],
+                style="none" if bald else ["short", "long", "bangs"][r.integers(3)],
+                mustache=r.random() < 0.25, goatee=r.random() < 0.2,
+                eyeglass_p=r.choice([0.05, 0.8], p=[.8, .2]),
+                lipstick_p=r.choice([0.05, 0.85], p=[.75, .25]),
+                earring_p=r.choice([0.05, 0.8], p=[.7, .3]))
 
 
-# (brow raise, inner-brow raise, eye opening, mouth opening (lo, hi), smile, mouth width, disgust). Drawn
-# strong enough to tell apart at 64 px: at half these deviations from Neutral, every init stayed at chance.
+# (brow raise, inner-brow raise, eye opening, mouth opening (lo, hi), smile, mouth width, disgust).
+# Drawn
+# strong enough to tell apart at 64 px: at half these deviations from Neutral, every init stayed at
+# chance.
 EXPRESSION_SHAPES = {
     "Surprise": (0.32, 0.04, 2.0, (0.32, 0.52), 0.0, 0.44, 0.0),
     "Fear": (0.20, 0.20, 1.7, (0.12, 0.24), -0.08, 1.4, 0.0),
@@ -83,8 +94,8 @@ EXPRESSION_SHAPES = {
 
 
 def expression_look(expression, k, opening):
-    """The face geometry of `expression` at intensity k (1 = the table above), without noise; opening in
-    [0, 1] picks the mouth opening within the expression's range."""
+    """The face geometry of `expression` at intensity k (1 = the table above), without noise;
+    opening in [0, 1] picks the mouth opening within the expression's range."""
     raise_, inner, eye_open, (o_lo, o_hi), smile, width, disgust = EXPRESSION_SHAPES[expression]
     return dict(brow_raise=k * raise_, brow_inner=k * inner, eye_open=1 + k * (eye_open - 1),
                 mouth_open=(o_lo + opening * (o_hi - o_lo)) * k, smile=k * smile,
@@ -94,28 +105,33 @@ def expression_look(expression, k, opening):
 def sample_look(r, t, expression):
     """Per-image state: expression (with random intensity and noise) and accessories."""
     k = r.uniform(0.6, 1.2)  # intensity: expressions are graded, not one template each
-    # draws in the order the toy world was generated in (README's table): brow, inner brow, eye, mouth, smile
+    # the draws' order fixes the world a seed gives: brow, inner brow, eye, mouth, smile
     brow_noise, inner_noise, eye_noise = r.normal(0, 0.015), r.normal(0, 0.015), r.normal(0, 0.05)
     look = expression_look(expression, k, r.random())
     look["smile"] += r.normal(0, 0.01)
     look["brow_raise"] += brow_noise
     look["brow_inner"] += inner_noise
     look["eye_open"] += eye_noise
-    look.update(glasses=r.random() < t["eyeglass_p"], hat=r.random() < 0.15, earrings=r.random() < t["earring_p"],
-                lipstick=r.random() < t["lipstick_p"], rosy=r.random() < 0.25, blurry=r.random() < 0.12)
+    look.update(glasses=r.random() < t["eyeglass_p"], hat=r.random() < 0.15,
+                earrings=r.random() < t["earring_p"],
+                lipstick=r.random() < t["lipstick_p"], rosy=r.random() < 0.25,
+                blurry=r.random() < 0.12)
     return look
 
 
 def attributes(t, look):
     haired = not t["bald"]
-    a = dict(Arched_Eyebrows=t["arched"], Bald=t["bald"], Bangs=t["style"] == "bangs", Big_Nose=t["big_nose"],
-             Black_Hair=haired and t["hair"] == "black", Blond_Hair=haired and t["hair"] == "blond",
-             Blurry=look["blurry"], Brown_Hair=haired and t["hair"] == "brown",
-             Bushy_Eyebrows=t["bushy"], Eyeglasses=look["glasses"], Goatee=t["goatee"],
-             Gray_Hair=haired and t["hair"] == "gray", Mouth_Slightly_Open=look["mouth_open"] > 0.05,
-             Mustache=t["mustache"], Narrow_Eyes=t["narrow"], No_Beard=not (t["goatee"] or t["mustache"]),
+    a = dict(Arched_Eyebrows=t["arched"], Bald=t["bald"], Bangs=t["style"] == "bangs",
+             Big_Nose=t["big_nose"], Black_Hair=haired and t["hair"] == "black",
+             Blond_Hair=haired and t["hair"] == "blond", Blurry=look["blurry"],
+             Brown_Hair=haired and t["hair"] == "brown", Bushy_Eyebrows=t["bushy"],
+             Eyeglasses=look["glasses"], Goatee=t["goatee"],
+             Gray_Hair=haired and t["hair"] == "gray",
+             Mouth_Slightly_Open=look["mouth_open"] > 0.05, Mustache=t["mustache"],
+             Narrow_Eyes=t["narrow"], No_Beard=not (t["goatee"] or t["mustache"]),
              Pale_Skin=t["pale"], Rosy_Cheeks=look["rosy"], Smiling=look["smile"] > 0.06,
-             Wearing_Earrings=look["earrings"], Wearing_Hat=look["hat"], Wearing_Lipstick=look["lipstick"])
+             Wearing_Earrings=look["earrings"], Wearing_Hat=look["hat"],
+             Wearing_Lipstick=look["lipstick"])
     return [int(a[name]) for name in ATTRIBUTES]
 
 
@@ -142,11 +158,17 @@ def landmarks_canonical(t, look):
         pts = [(cx - ew, ey), (cx - ew / 3, ey - eh), (cx + ew / 3, ey - eh), (cx + ew, ey),
                (cx + ew / 3, ey + eh), (cx - ew / 3, ey + eh)]
         P[idx] = pts
-    my, mw, op = t["mouth_y"] + 0.1 * (1.3 - fh) / 0.2, t["mouth_w"] * look["mouth_width"], look["mouth_open"]
-    curve = lambda x: -look["smile"] * (x / mw) ** 2  # smile lifts the corners, sadness drops them
-    up = lambda x: -0.35 * look["disgust"] * 0.06 * max(0.0, 1 - abs(x + mw / 3) / mw)  # raised upper lip
+    my = t["mouth_y"] + 0.1 * (1.3 - fh) / 0.2
+    mw, op = t["mouth_w"] * look["mouth_width"], look["mouth_open"]
+
+    def curve(x):  # smile lifts the corners, sadness drops them
+        return -look["smile"] * (x / mw) ** 2
+
+    def up(x):  # raised upper lip
+        return -0.35 * look["disgust"] * 0.06 * max(0.0, 1 - abs(x + mw / 3) / mw)
     xs_up = np.array([-mw, -2 * mw / 3, -mw / 3, 0, mw / 3, 2 * mw / 3, mw])
-    P[48:55] = [(x, my + curve(x) - (0.0 if abs(x) == mw else 0.045 + op / 2) + up(x)) for x in xs_up]
+    P[48:55] = [(x, my + curve(x) - (0.0 if abs(x) == mw else 0.045 + op / 2) + up(x))
+                for x in xs_up]
     xs_lo = np.array([2 * mw / 3, mw / 3, 0, -mw / 3, -2 * mw / 3])
     P[55:60] = [(x, my + curve(x) + 0.06 + op / 2) for x in xs_lo]
     xi = 0.85 * mw
@@ -163,7 +185,8 @@ def ellipse(cx, cy, rx, ry, a0=0.0, a1=2 * np.pi, n=32):
 
 
 class Pose:
-    """Face frame -> pixels: rotate by `angle` degrees, scale to `scale` px per unit, move to `center`."""
+    """Face frame -> pixels: rotate by `angle` degrees, scale to `scale` px per unit, move to
+    `center`."""
 
     def __init__(self, angle, scale, center):
         a = math.radians(angle)
@@ -181,7 +204,8 @@ def draw_background(d, r, size):
     if kind == 0:  # stripes
         step = int(r.integers(8, 30)) * SS
         for x in range(-size, 2 * size, 2 * step):
-            d.polygon([(x, 0), (x + step, 0), (x + step + size // 3, size), (x + size // 3, size)], fill=col)
+            d.polygon([(x, 0), (x + step, 0), (x + step + size // 3, size), (x + size // 3, size)],
+                      fill=col)
     elif kind == 1:  # checker
         step = int(r.integers(10, 32)) * SS
         for i in range(0, size, step):
@@ -202,7 +226,8 @@ def draw_background(d, r, size):
 
 
 def render(t, look, pose, size, r):
-    """Draw one face image; returns (PIL RGB of side `size`, (68, 2) landmarks in pixels, face box)."""
+    """Draw one face image; returns (PIL RGB of side `size`, (68, 2) landmarks in pixels, face
+    box)."""
     big = Pose(0, 0, (0, 0))
     big.R, big.c = pose.R * SS, pose.c * SS
     img = Image.new("RGB", (size * SS, size * SS))
@@ -211,9 +236,13 @@ def render(t, look, pose, size, r):
     P = landmarks_canonical(t, look)
     skin = tuple(int(v) for v in np.clip(PALE if t["pale"] else t["skin"], 0, 255))
     hair = tuple(int(v) for v in HAIR[t["hair"]])
-    poly = lambda pts, fill: d.polygon([tuple(p) for p in big(pts)], fill=fill)
-    line = lambda pts, fill, w: d.line([tuple(p) for p in big(pts)], fill=fill, width=max(1, int(w * big.scale)),
-                                       joint="curve")
+
+    def poly(pts, fill):
+        d.polygon([tuple(p) for p in big(pts)], fill=fill)
+
+    def line(pts, fill, w):
+        d.line([tuple(p) for p in big(pts)], fill=fill, width=max(1, int(w * big.scale)),
+               joint="curve")
     fw, fh, top = t["face_w"], t["face_h"], t["eye_y"] - 1.25
     shirt = tuple(int(v) for v in r.integers(0, 255, 3))
     poly([(-1.6, fh + 2.5), (-1.5, fh + 0.9), (-0.35, fh + 0.5), (0.35, fh + 0.5), (1.5, fh + 0.9),
@@ -223,12 +252,15 @@ def render(t, look, pose, size, r):
         poly(ellipse(0, t["eye_y"] + 0.2, fw * 1.3, fh + 0.55), hair)
     for side in (-1, 1):  # ears
         poly(ellipse(side * fw * 0.98, t["eye_y"] + 0.15, 0.14, 0.25), skin)
-    head = np.concatenate([P[0:17], ellipse(0, t["eye_y"], fw, t["eye_y"] - top, 0, -np.pi, 24)[1:-1]])
+    head = np.concatenate([P[0:17], ellipse(0, t["eye_y"], fw, t["eye_y"] - top, 0, -np.pi,
+                                            24)[1:-1]])
     poly(head, skin)
     if t["style"] != "none":  # hair cap down to the hairline; bangs cover the forehead
         hairline = t["eye_y"] - (0.3 if t["style"] == "bangs" else 0.62)
-        cap = np.concatenate([ellipse(0, t["eye_y"], fw * 1.06, t["eye_y"] - top + 0.1, np.pi, 2 * np.pi, 24),
-                              [(fw * 1.02, hairline + 0.2), (0, hairline), (-fw * 1.02, hairline + 0.2)]])
+        cap = np.concatenate([ellipse(0, t["eye_y"], fw * 1.06, t["eye_y"] - top + 0.1, np.pi,
+                                      2 * np.pi, 24),
+                              [(fw * 1.02, hairline + 0.2), (0, hairline),
+                               (-fw * 1.02, hairline + 0.2)]])
         poly(cap, hair)
     if look["rosy"]:
         cheek = tuple(int(0.6 * a + 0.4 * b) for a, b in zip(skin, (230, 60, 70)))
@@ -247,7 +279,8 @@ def render(t, look, pose, size, r):
         line(P[idx], brow_col, 0.09 if t["bushy"] else 0.035)
     shade = tuple(int(v * 0.8) for v in skin)
     if t["big_nose"]:
-        poly([P[27] + (-0.06, 0), P[27] + (0.06, 0), P[35] + (0.02, -0.03), P[33], P[31] + (-0.02, -0.03)], shade)
+        wing = [P[35] + (0.02, -0.03), P[33], P[31] + (-0.02, -0.03)]
+        poly([P[27] + (-0.06, 0), P[27] + (0.06, 0), *wing], shade)
     line(P[27:31], shade, 0.025)
     line(P[31:36], (int(skin[0] * .55), int(skin[1] * .5), int(skin[2] * .5)), 0.03)
     if look["disgust"] > 0.3:  # nose wrinkles
@@ -258,12 +291,14 @@ def render(t, look, pose, size, r):
     if look["mouth_open"] > 0.02:
         poly(P[60:68], (60, 15, 20))
         if look["smile"] > 0.05:
-            poly([P[60], P[61], P[62], P[63], P[64], (P[63] + P[65]) / 2, (P[61] + P[67]) / 2], (240, 240, 235))
+            poly([P[60], P[61], P[62], P[63], P[64], (P[63] + P[65]) / 2, (P[61] + P[67]) / 2],
+                 (240, 240, 235))
     else:
         line(P[[48, 60, 61, 62, 63, 64, 54]], (90, 30, 30), 0.015)
     if t["mustache"]:
-        poly([P[48] + (-0.03, -0.02), P[31] + (-0.05, 0.04), P[33] + (0, 0.03), P[35] + (0.05, 0.04),
-              P[54] + (0.03, -0.02), P[52] + (0, -0.01), P[50] + (0, -0.01)], brow_col)
+        poly([P[48] + (-0.03, -0.02), P[31] + (-0.05, 0.04), P[33] + (0, 0.03),
+              P[35] + (0.05, 0.04), P[54] + (0.03, -0.02), P[52] + (0, -0.01), P[50] + (0, -0.01)],
+             brow_col)
     if t["goatee"]:
         poly([P[57] + (-0.17, 0.03), P[57] + (0.17, 0.03), P[8] + (0.12, -0.02), P[8] + (0, 0.04),
               P[8] + (-0.12, -0.02)], brow_col)
@@ -291,10 +326,13 @@ def render(t, look, pose, size, r):
     return img, lm, np.array([*box.min(0), *box.max(0)])
 
 
-# How each dataset frames its faces: (image side, face half-width in px (lo, hi), rotation (deg), centre jitter)
+# How each dataset frames its faces: (image side, face half-width in px (lo, hi), rotation (deg),
+# centre jitter)
 FRAMING = {
-    "ms1m": (112, (24, 40), 25, 0.15),    # raw pretraining images: faces not always centred or large, but
-                                          # inside every global crop (>= 40% of the image), as in MS1M
+    # raw pretraining images: faces not always centred or large, but
+    "ms1m": (112, (24, 40), 25, 0.15),
+                                          # inside every global crop (>= 40% of the image), as in
+                                          # MS1M
     "celeba": (112, (30, 36), 8, 0.04),   # aligned faces
     "rafdb": (100, (27, 32), 8, 0.04),    # aligned faces
     "300w": (160, (38, 52), 15, 0.08),    # faces in the wild, landmarks
@@ -323,10 +361,12 @@ def encode(img, fmt="JPEG"):
     return buf.getvalue()
 
 
-# ----------------------------------------------------------------------------- writers (real formats)
+# ----------------------------------------------------------------------------- writers (real
+# formats)
 
 def recordio_pack(payload):
-    """dmlc RecordIO framing: split where the magic word sits at a 4-aligned offset (cflag 1/2/3)."""
+    """dmlc RecordIO framing: split where the magic word sits at a 4-aligned offset (cflag
+    1/2/3)."""
     magic = struct.pack("<I", RECORDIO_MAGIC)
     cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i:i + 4] == magic]
     parts, start = [], 0
@@ -342,7 +382,8 @@ def recordio_pack(payload):
 
 
 def recordio_payload(labels, image_bytes=b""):
-    """insightface IRHeader '<IfQQ': flag = number of float labels following (0: the label is inline)."""
+    """insightface IRHeader '<IfQQ': flag = number of float labels following (0: the label is
+    inline)."""
     labels = np.atleast_1d(np.asarray(labels, np.float32))
     if len(labels) == 1:
         return struct.pack("<IfQQ", 0, float(labels[0]), 0, 0) + image_bytes
@@ -350,7 +391,8 @@ def recordio_payload(labels, image_bytes=b""):
 
 
 def write_recordio(folder, images_per_id, seed, workers):
-    """MS1M layout: key 0 = header (first identity key, end key); images 1..n; one record per identity."""
+    """MS1M layout: key 0 = header (first identity key, end key); images 1..n; one record per
+    identity."""
     os.makedirs(folder, exist_ok=True)
     n_ids = len(images_per_id)
     identities = [ident for ident, count in enumerate(images_per_id) for _ in range(count)]
@@ -361,7 +403,8 @@ def write_recordio(folder, images_per_id, seed, workers):
     for ident, count in enumerate(images_per_id):
         records[n + 1 + ident] = recordio_payload([start, start + count])
         start += count
-    with open(os.path.join(folder, "train.rec"), "wb") as rec, open(os.path.join(folder, "train.idx"), "w") as idx:
+    with open(os.path.join(folder, "train.rec"),
+              "wb") as rec, open(os.path.join(folder, "train.idx"), "w") as idx:
         def put(key, payload):
             idx.write(f"{key}\t{rec.tell()}\n")
             rec.write(recordio_pack(payload))
@@ -423,7 +466,8 @@ def write_rafdb(folder, n, seed, workers):
 
 
 W300_SPLITS = {"afw": 0.11, "helen/trainset": 0.52, "lfpw/trainset": 0.2, "helen/testset": 0.09,
-               "lfpw/testset": 0.04, "ibug": 0.04}  # proportions of the real 300W (3,148 train / 689 test)
+               "lfpw/testset": 0.04,
+               "ibug": 0.04}  # proportions of the real 300W (3,148 train / 689 test)
 
 
 def write_pts(path, lm):
@@ -450,7 +494,8 @@ def write_300w(folder, n, seed, workers):
 # ----------------------------------------------------------------------------- the toy ArcFace
 
 class ToyRecognizer(nn.Module):
-    """A small CNN with insightface's I/O: (B, 3, 112, 112) RGB in (x - 127.5) / 127.5 -> (B, dim)."""
+    """A small CNN with insightface's I/O: (B, 3, 112, 112) RGB in (x - 127.5) / 127.5 -> (B,
+    dim)."""
 
     def __init__(self, dim=64):
         super().__init__()
@@ -467,7 +512,8 @@ class ToyRecognizer(nn.Module):
 
 
 def arcface_logits(emb, weight, labels, s=30.0, m=0.4):
-    """ArcFace (Deng et al. 2019): s * cos(theta + m) for the true class, s * cos(theta) for the others."""
+    """ArcFace (Deng et al. 2019): s * cos(theta + m) for the true class, s * cos(theta) for the
+    others."""
     cos = F.linear(F.normalize(emb), F.normalize(weight)).clamp(-1 + 1e-6, 1 - 1e-6)
     target = torch.cos(torch.acos(cos.gather(1, labels[:, None])) + m)
     return s * cos.scatter(1, labels[:, None], target)
@@ -484,7 +530,8 @@ def recognizer_samples(seed, n_ids, per_id, workers):
         img = np.asarray(pil)
         x0, y0, x1, y1 = s["box"]
         pad = 0.15 * (x1 - x0)
-        face = pil.crop((int(x0 - pad), int(y0 - pad), int(x1 + pad), int(y1 + pad))).resize((112, 112))
+        face = pil.crop((int(x0 - pad), int(y0 - pad), int(x1 + pad),
+                         int(y1 + pad))).resize((112, 112))
         faces.append(np.asarray(face))
         n_face = n_background = 0
         for _ in range(12):  # up to 2 crops mostly of face and 2 with no face at all, per scene
@@ -493,7 +540,8 @@ def recognizer_samples(seed, n_ids, per_id, workers):
             ix = max(0, min(cx + side, x1) - max(cx, x0)) * max(0, min(cy + side, y1) - max(cy, y0))
             face_crop, background = ix / side ** 2 > 0.5, ix == 0
             if (face_crop and n_face < 2) or (background and n_background < 2):
-                crops.append(np.asarray(Image.fromarray(img[cy:cy + side, cx:cx + side]).resize((112, 112))))
+                crop = Image.fromarray(img[cy:cy + side, cx:cx + side]).resize((112, 112))
+                crops.append(np.asarray(crop))
                 is_face.append(float(face_crop))
                 n_face, n_background = n_face + face_crop, n_background + background
     ids = np.repeat(np.arange(n_ids), per_id)
@@ -510,7 +558,9 @@ def train_recognizer(path, seed=0, n_ids=120, per_id=12, steps=600, workers=1):
     model = ToyRecognizer()
     weight = nn.Parameter(torch.randn(n_ids, 64) * 0.01)
     opt = torch.optim.AdamW(list(model.parameters()) + [weight], lr=2e-3, weight_decay=5e-4)
-    norm = lambda x: (x.float() - 127.5) / 127.5
+
+    def norm(x):
+        return (x.float() - 127.5) / 127.5
     for step in tqdm(range(steps), desc="toy ArcFace", leave=False):
         i = torch.randint(len(faces), (48,))
         j = torch.randint(len(crops), (48,))
@@ -534,18 +584,21 @@ def train_recognizer(path, seed=0, n_ids=120, per_id=12, steps=600, workers=1):
 
 def export_onnx(model, path):
     """insightface's I/O: input (B, 3, 112, 112) with a dynamic batch, output the embedding."""
-    with warnings.catch_warnings():  # the TorchScript exporter needs no onnxscript; it warns that it is old
+    # the TorchScript exporter needs no onnxscript; it warns that it is old
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, torch.zeros(1, 3, 112, 112), path, input_names=["input.1"],
-                          output_names=["embedding"], dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}},
+                          output_names=["embedding"],
+                          dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}},
                           dynamo=False)
 
 
 def evaluate_recognizer(path, seed=0, n_ids=200):
-    """Two numbers that say whether the toy recogniser can do the retrieval's job, on held-out identities:
-    verification accuracy on same/different-identity pairs of face crops (threshold picked on one half of
-    the pairs, accuracy measured on the other, both ways), and the mean similarity to the image's global
-    crops of local crops with a face vs without one, with the share of each rejected at theta = -0.5."""
+    """Two numbers that say whether the toy recogniser can do the retrieval's job, on held-out
+    identities: verification accuracy on same/different-identity pairs of face crops (threshold
+    picked on one half of the pairs, accuracy measured on the other, both ways), and the mean
+    similarity to the image's global crops of local crops with a face vs without one, with the
+    share of each rejected at theta = -0.5."""
     from crops import MultiCrop
     from retrieval import ArcFace, similarity
     face = ArcFace(path)
@@ -557,13 +610,16 @@ def evaluate_recognizer(path, seed=0, n_ids=200):
         s = make_image(seed + 2, "ms1m", k, 900000 + k // 2)
         x0, y0, x1, y1 = s["box"]
         pad = 0.15 * (x1 - x0)
-        crops.append(s["image"].crop((int(x0 - pad), int(y0 - pad), int(x1 + pad), int(y1 + pad))).resize((112, 112)))
+        crops.append(s["image"].crop((int(x0 - pad), int(y0 - pad), int(x1 + pad),
+                                      int(y1 + pad))).resize((112, 112)))
         ids.append(k // 2)
-        g_boxes, l_boxes = mc.boxes(s["image"], 2, mc.global_scale), mc.boxes(s["image"], 16, mc.local_scale)
+        g_boxes, l_boxes = mc.boxes(s["image"], 2,
+                                    mc.global_scale), mc.boxes(s["image"], 16, mc.local_scale)
         emb = face.embed(mc.cut(s["image"], g_boxes + l_boxes, 112))
         sims = similarity(emb[:2], emb[2:])
         for (top, left, h, w), sim in zip(l_boxes, sims.tolist()):
-            overlap = max(0, min(left + w, x1) - max(left, x0)) * max(0, min(top + h, y1) - max(top, y0))
+            overlap = max(0, min(left + w, x1) - max(left,
+                                                     x0)) * max(0, min(top + h, y1) - max(top, y0))
             if overlap > 0.5 * w * h:
                 with_face.append(sim)
             elif overlap == 0:
@@ -572,17 +628,20 @@ def evaluate_recognizer(path, seed=0, n_ids=200):
     a, b = emb[0::2], emb[1::2]  # genuine pairs: the two images of each identity
     genuine = (a * b).sum(1)
     impostor = (a * b.roll(1, 0)).sum(1)  # each identity against the next one's second image
-    scores, labels = torch.cat([genuine, impostor]), torch.cat([torch.ones(n_ids), torch.zeros(n_ids)])
+    scores, labels = torch.cat([genuine,
+                                impostor]), torch.cat([torch.ones(n_ids), torch.zeros(n_ids)])
     perm = torch.from_numpy(r.permutation(2 * n_ids))
     halves = perm[:n_ids], perm[n_ids:]
     accs = []
     for fit, test in (halves, halves[::-1]):
         ts = scores[fit]
-        best = max(ts.tolist(), key=lambda t: ((scores[fit] >= t).float() == labels[fit]).float().mean().item())
+        best = max(ts.tolist(),
+                   key=lambda t: ((scores[fit] >= t).float() == labels[fit]).float().mean().item())
         accs.append(((scores[test] >= best).float() == labels[test]).float().mean().item())
     wf, wo = np.array(with_face), np.array(without_face)
     return dict(verification_accuracy=float(np.mean(accs)), similarity_with_face=float(wf.mean()),
-                similarity_without_face=float(wo.mean()), rejected_with_face=float((wf < -0.5).mean()),
+                similarity_without_face=float(wo.mean()),
+                rejected_with_face=float((wf < -0.5).mean()),
                 rejected_without_face=float((wo < -0.5).mean()), crops_with_face=len(wf),
                 crops_without_face=len(wo))
 
@@ -602,15 +661,18 @@ def write_world(out, images=DEFAULT_IMAGES, seed=0, workers=None, recognizer_ste
     write_celeba(os.path.join(out, "celeba"), max(20, images), seed, workers)
     write_rafdb(os.path.join(out, "rafdb"), max(20, images * 3 // 4), seed, workers)
     write_300w(os.path.join(out, "300w"), max(40, images // 2), seed, workers)
-    # the recogniser seeds torch: leave the caller's RNG as it was, so that a seeded run that generates
+    # the recogniser seeds torch: leave the caller's RNG as it was, so that a seeded run that
+    # generates
     # the world on first use trains exactly as one that finds it already there
     with torch.random.fork_rng(devices=[]):
-        train_recognizer(os.path.join(out, "arcface.onnx"), seed, n_ids=max(4, min(120, images // 20)),
-                         steps=recognizer_steps, workers=workers)
+        train_recognizer(os.path.join(out, "arcface.onnx"), seed,
+                         n_ids=max(4, min(120, images // 20)), steps=recognizer_steps,
+                         workers=workers)
         quality = evaluate_recognizer(os.path.join(out, "arcface.onnx"), seed)
-    print("toy ArcFace on held-out identities: verification accuracy {verification_accuracy:.1%}; similarity "
-          "to the global crops: {similarity_with_face:.2f} with a face, {similarity_without_face:.2f} without; "
-          "rejected at -0.5: {rejected_with_face:.1%} with a face, {rejected_without_face:.1%} without".format(**quality))
+    print("toy ArcFace on held-out identities: verification accuracy {verification_accuracy:.1%}; "
+          "similarity to the global crops: {similarity_with_face:.2f} with a face, "
+          "{similarity_without_face:.2f} without; rejected at -0.5: {rejected_with_face:.1%} with "
+          "a face, {rejected_without_face:.1%} without".format(**quality))
     with open(os.path.join(out, "DONE"), "w") as f:
         f.write(f"images={images} seed={seed}\n")
 
@@ -618,11 +680,11 @@ def write_world(out, images=DEFAULT_IMAGES, seed=0, workers=None, recognizer_ste
 def ensure_world(root, images=DEFAULT_IMAGES, seed=0):
     """The built-in default data: `<root>/toy`, generated on first use. Returns its path.
 
-    The processes of a torchrun job all get here. On each node, LOCAL_RANK 0 generates the world into a
-    temporary folder and renames it into place, and the node's other processes wait for it to appear:
-    no file lock (some cluster filesystems have none) and no collective (generating takes minutes,
-    longer than a process group waits). Where nodes share the filesystem, the first rename wins and
-    the other copies are discarded."""
+    The processes of a torchrun job all get here. On each node, LOCAL_RANK 0 generates the world
+    into a temporary folder and renames it into place, and the node's other processes wait for it
+    to appear: no file lock (some cluster filesystems have none) and no collective (generating
+    takes minutes, longer than a process group waits). Where nodes share the filesystem, the first
+    rename wins and the other copies are discarded."""
     out = os.path.join(root, "toy")
     done = os.path.join(out, "DONE")
     if os.path.exists(done):
@@ -645,11 +707,13 @@ def ensure_world(root, images=DEFAULT_IMAGES, seed=0):
 def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("--out", default="data/toy", help="output folder")
-    p.add_argument("--images", type=at_least(20), default=DEFAULT_IMAGES, help="images in ms1m; celeba gets as many, "
-                   "rafdb 3/4, 300w 1/2")
+    p.add_argument("--images", type=at_least(20), default=DEFAULT_IMAGES, help="images in ms1m; "
+                   "celeba gets as many, rafdb 3/4, 300w 1/2")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
-    p.add_argument("--workers", type=at_least(1), default=None, help="processes (default: up to 4 cores)")
-    p.add_argument("--recognizer-steps", type=at_least(1), default=600, help="training steps of the toy ArcFace")
+    p.add_argument("--workers", type=at_least(1), default=None, help="processes (default: up to 4 "
+                   "cores)")
+    p.add_argument("--recognizer-steps", type=at_least(1), default=600, help="training steps of "
+                   "the toy ArcFace")
     a = p.parse_args()
     write_world(a.out, a.images, a.seed, a.workers, a.recognizer_steps)
     print(f"wrote the toy world to {a.out}")

@@ -4,9 +4,9 @@
     python vit.py --arch vit_tiny
 
 ViT-S/16 is 12 pre-norm blocks of width 384 with 6 heads, 16x16 patches and one cls token (~21.7M
-parameters). The 14x14 position embedding is resampled to any grid, so 224 globals (14x14 patches) and
-96 locals (6x6) go through the same weights. State-dict keys are timm's / DINO's, so checkpoints of
-DINO, DeiT, MAE and MSN load directly (Table 1 baselines) through `load_pretrained`.
+parameters). The 14x14 position embedding is resampled to any grid, so 224 globals (14x14 patches)
+and 96 locals (6x6) go through the same weights. State-dict keys are timm's / DINO's, so
+checkpoints of DINO, DeiT, MAE and MSN load directly (Table 1 baselines) through `load_pretrained`.
 """
 import argparse
 import math
@@ -44,7 +44,8 @@ class Attention(nn.Module):
 
     def forward(self, x, return_attention=False):
         B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads,
+                                  D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, D/heads)
         if return_attention:  # explicit softmax(QK^T / sqrt(d)), for Figure 6
             return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
@@ -196,9 +197,11 @@ def no_weight_decay(name, param):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# Where each known layout keeps its backbone. Ours (pretrain.py) is DINO's: {'teacher': {'backbone.*',
+# Where each known layout keeps its backbone. Ours (pretrain.py) is DINO's: {'teacher':
+# {'backbone.*',
 # 'head.*'}, 'student': ..., ...}, plus a bare `teacher_backbone.pth`.
-CONTAINER_KEYS = ("teacher", "target_encoder", "model", "state_dict")  # ProS/DINO, MSN, DeiT/MAE, misc
+# ProS/DINO, MSN, DeiT/MAE, misc
+CONTAINER_KEYS = ("teacher", "target_encoder", "model", "state_dict")
 PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
 # Heads and pretraining-only parts that a backbone never uses; dropped and reported.
 DROP_PREFIXES = ("head.", "fc_norm.", "fc.", "decoder", "mask_token", "criterion.", "prototypes")
@@ -206,17 +209,21 @@ DROP_PREFIXES = ("head.", "fc_norm.", "fc.", "decoder", "mask_token", "criterion
 
 def safe_globals():
     """The non-tensor types that published checkpoints hold besides tensors and plain Python values:
-    `args` as an argparse.Namespace (DINO, MAE and the scripts built on them), numpy scalars and arrays."""
+    `args` as an argparse.Namespace (DINO, MAE and the scripts built on them), numpy scalars and
+    arrays."""
     import numpy as np
     core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
-    dtypes = {type(np.dtype(t)) for t in (np.bool_, np.int32, np.int64, np.float16, np.float32, np.float64)}
-    return [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar,
+    dtypes = {type(np.dtype(t)) for t in (np.bool_, np.int32, np.int64, np.float16, np.float32,
+                                          np.float64)}
+    return [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct,
+            core.multiarray.scalar,
             *dtypes]
 
 
 def read_checkpoint(path):
     """torch.load to the CPU with weights_only (no arbitrary code runs), allowing safe_globals(); a
-    missing or unreadable file is a one-line error naming it, and one needing another type names it."""
+    missing or unreadable file is a one-line error naming it, and one needing another type names
+    it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path}: no such file")
     try:
@@ -226,8 +233,10 @@ def read_checkpoint(path):
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
         if unsafe:
             raise ValueError(f"checkpoint {path}: holds a {unsafe.group(1)}, which is not loaded "
-                             "(only tensors, plain values, argparse.Namespace and numpy are)") from None
-        raise ValueError(f"checkpoint {path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+                             "(only tensors, plain values, argparse.Namespace and numpy "
+                             "are)") from None
+        raise ValueError(f"checkpoint {path}: not a readable PyTorch checkpoint "
+                         f"({type(e).__name__})") from None
 
 
 def extract_backbone_state(ckpt, source="state dict"):
@@ -237,7 +246,8 @@ def extract_backbone_state(ckpt, source="state dict"):
             ckpt = ckpt[key]
             break
     if not isinstance(ckpt, dict) or not any(torch.is_tensor(v) for v in ckpt.values()):
-        raise ValueError(f"{source}: no state dict found (expected one of the keys {CONTAINER_KEYS} "
+        raise ValueError(f"{source}: no state dict found (expected one of the keys "
+                         f"{CONTAINER_KEYS} "
                          "or a bare ViT state dict)")
     state, dropped = {}, []
     for k, v in ckpt.items():
@@ -281,18 +291,23 @@ def load_pretrained(model, path_or_state_dict):
     missing, unexpected = model.load_state_dict(state, strict=False)
     for what, keys in (("dropped", dropped), ("missing", missing), ("unexpected", unexpected)):
         if keys:
-            print(f"{source}: {what} {len(keys)} keys: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+            print(f"{source}: {what} {len(keys)} keys: "
+                  f"{', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
     return missing, unexpected
 
 
 # ----------------------------------------------------------------------------- python vit.py
 
 def main():
-    from data import ArgumentParser, at_least, patch_multiple  # here: importing vit.py needs torch alone
+    # here: importing vit.py needs torch alone
+    from data import ArgumentParser, at_least, patch_multiple
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: ViT-S/16)")
-    parser.add_argument("--batch-size", type=at_least(1), default=8, help="images in the timed step")
-    parser.add_argument("--img-size", type=patch_multiple, default=224, help="input side, a multiple of 16")
+    parser.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: "
+                        "ViT-S/16)")
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="images in the timed "
+                        "step")
+    parser.add_argument("--img-size", type=patch_multiple, default=224, help="input side, a "
+                        "multiple of 16")
     args = parser.parse_args()
     model = ARCHS[args.arch]()
     n = sum(p.numel() for p in model.parameters())
@@ -304,8 +319,9 @@ def main():
         model(x).sum().backward()
         times.append(time.perf_counter() - t)
     best = min(times[1:])
-    print(f"forward+backward of {args.batch_size} x {args.img_size}px on {torch.get_num_threads()} threads: "
-          f"{best * 1000:.0f} ms ({args.batch_size / best:.1f} images/s)")
+    print(f"forward+backward of {args.batch_size} x {args.img_size}px on "
+          f"{torch.get_num_threads()} threads: {best * 1000:.0f} ms ({args.batch_size / best:.1f} "
+          f"images/s)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA paths, end to end, on one GPU machine (meant to finish in under 8 minutes):
-#   1. onnxruntime-gpu in place of onnxruntime (from PyPI, or from wheels in .whl/ without a network),
+#   1. onnxruntime-gpu in place of onnxruntime (from PyPI, or from wheels in .whl/ offline),
 #   2. the tests marked gpu (NCCL, bf16 step, IO binding, pinned loader, CUDA RNG in checkpoints),
 #   3. a short toy pretraining with the face-aware retrieval under torchrun --nproc_per_node 1,
 #   4. one epoch of each fine-tuning task from its teacher,
 #   5. bench.py on the GPU (ViT-S/16 at the paper's sizes, batch 64, bf16; ours vs timm).
-# Each part's output goes to $OUT (default runs/gpu_check); the script goes on after a failed part and
-# exits non-zero if any failed.
+# Each part's output goes to $OUT (default runs/gpu_check); the script goes on after a failed part
+# and exits non-zero if any failed.
 #
 #   bash scripts/gpu_check.sh
 set -uo pipefail
@@ -30,7 +30,8 @@ part() {  # part NAME COMMAND...: run, log to $OUT/NAME.txt, remember a failure
 }
 
 has_cuda_provider() {
-  python -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"
+  python -c "import onnxruntime as o, sys
+sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"
 }
 if ! has_cuda_provider 2>/dev/null; then
   pip uninstall -y -q onnxruntime onnxruntime-gpu
@@ -44,11 +45,13 @@ print("onnxruntime", onnxruntime.__version__, onnxruntime.get_available_provider
 EOF
 
 part tests python -m pytest -q test_all.py -m gpu -rs
-part pretrain torchrun --nproc_per_node 1 pretrain.py --data toy --arch vit_tiny --epochs 1 --n-images 2048 \
+part pretrain torchrun --nproc_per_node 1 pretrain.py --data toy --arch vit_tiny --epochs 1 \
+  --n-images 2048 \
   --batch-size 64 --global-size 64 --local-size 32 --workers 4 --arcface data/toy/arcface.onnx \
   --out "$OUT/pretrain"
 INIT="$OUT/pretrain/teacher_backbone.pth"
-FT="--dataset toy --arch vit_tiny --img-size 64 --epochs 1 --batch-size 64 --workers 4 --init $INIT"
+FT="--dataset toy --arch vit_tiny --img-size 64 --epochs 1 --batch-size 64 --workers 4 --runs 1"
+FT="$FT --init $INIT"
 part attr python finetune_attr.py $FT --out "$OUT/attr"
 part expr python finetune_expr.py $FT --out "$OUT/expr"
 part align python finetune_align.py $FT --heatmap-size 32 --channels 128 --out "$OUT/align"
