@@ -204,7 +204,7 @@ def bench_pipeline(args, device):
     full, model_only, retrieval = [], [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        batch = next(loader)
+        batch, _ = next(loader)
         t1 = time.perf_counter()
         local, _ = pretrain.select_local_views(batch, arcface, pa,
                                                torch.Generator().manual_seed(i), device)

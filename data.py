@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Subset
 
+# RAF-DB's basic expressions, in the order of its labels 1..7 (what toyfaces.py draws, too)
+RAFDB_EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 RECORDIO_MAGIC = 0xCED7230A
 

@@ -37,9 +37,9 @@ import data
 from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals,
                   load_image, patch_multiple, probability)
 from loss import cosine_schedule, ema_update
-from pretrain import (StopRequest, Views, all_mean, check_settings, checkpoint_due, from_rank_zero,
-                      gather_names, load_resume, read_if_there, restore_rng, rng_state, save_atomic,
-                      setup_distributed, stop_exit, use_bf16, write_lines)
+from pretrain import (StopRequest, Views, all_mean, check_settings, checkpoint_due, collate,
+                      from_rank_zero, gather_names, load_resume, read_if_there, restore_rng,
+                      rng_state, save_atomic, setup_distributed, stop_exit, use_bf16, write_lines)
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 BICUBIC = v2.InterpolationMode.BICUBIC
@@ -197,15 +197,6 @@ def random_erasing(img, p, attempts=10):
     return img
 
 
-def collate(samples):
-    """Stack the readable samples; the unreadable ones, given by their names (pretrain.Views), ride
-    along."""
-    ok = [s for s in samples if not isinstance(s, str)]
-    images = torch.stack([s[0] for s in ok]) if ok else None
-    targets = torch.stack([torch.as_tensor(s[1]) for s in ok]) if ok else None
-    return images, targets, [s for s in samples if isinstance(s, str)]
-
-
 def few_shot_indices(n_train, frac, seed, count=None):
     """A random subset of the training indices, chosen by `seed`: exactly `count` of them, or
     floor(frac * n_train)."""
@@ -327,10 +318,11 @@ def evaluate(task, model, dataset, args, device):
                         num_workers=args.workers,
                         collate_fn=collate, worker_init_fn=ignore_stop_signals)
     preds, targets, skipped = [], [], []
-    for images, target, names in tqdm(loader, desc="eval", leave=False):
+    for batch, names in tqdm(loader, desc="eval", leave=False):
         skipped += names
-        if images is None:
+        if batch is None:
             continue
+        images, target = batch
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             preds.append(task.predict(model, normalize(images.to(device))).float().cpu())
         targets.append(target)
@@ -431,10 +423,11 @@ def train_one(task, args, train_set, tests, run, ctx):
         first = start_batch if epoch == start_epoch else 0
         sampler.set_epoch(epoch, first * per_process)
         stopping = False
-        for i, (images, targets, names) in enumerate(loader, first):
-            if images is None:
+        for i, (batch, names) in enumerate(loader, first):
+            if batch is None:
                 raise ValueError(f"{args.data}: all {len(names)} images of a training batch were "
                                  f"unreadable, e.g. {names[0]}")
+            images, targets = batch
             step = epoch * steps_per_epoch + i
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step) * g["lr_scale"]

@@ -32,14 +32,13 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import finetune
-from data import above, at_least, probability
+from data import IMAGE_EXTENSIONS, above, at_least, probability
 from finetune import LabelledImages
 
 
 # The outer eye corners that normalise the NME: iBUG 68 and WFLW 98
 EYES = {68: (36, 45), 98: (60, 72)}
 WFLW_FLAGS = ["pose", "expression", "illumination", "makeup", "occlusion", "blur"]
-IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
 
 # ----------------------------------------------------------------------------- parsers
 

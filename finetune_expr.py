@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import finetune
-from data import at_least, probability
+from data import RAFDB_EXPRESSIONS, at_least, probability
 from finetune import LabelledImages, eval_transform, train_transform
 
 # labels 1..7
-RAFDB_CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
+RAFDB_CLASSES = RAFDB_EXPRESSIONS
 AFFECTNET_CLASSES = ["Neutral", "Happiness", "Sadness", "Surprise", "Fear", "Disgust", "Anger",
                      "Contempt"]
 FOLDER_NAMES = {"neutral": 0, "happy": 1, "happiness": 1, "sad": 2, "sadness": 2, "surprise": 3,

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 
 from crops import normalize
 from data import ArgumentParser, at_least, data_root, patch_multiple, run_cli
-from finetune import LabelledImages, collate, eval_transform
+from finetune import LabelledImages, eval_transform
 from finetune_attr import read_celeba
 from finetune_expr import RAFDB_CLASSES, read_rafdb
-from pretrain import Views
+from pretrain import Views, collate
 import toyfaces
 from vit import ARCHS, load_pretrained
 
@@ -47,10 +47,11 @@ def features(backbone, items, size, device):
     items."""
     images = Views(LabelledImages(items, eval_transform(size)), None, 0)
     feats, labels = [], []
-    for images, y, _ in DataLoader(images, batch_size=128, collate_fn=collate):
-        if images is not None:
-            feats.append(F.normalize(backbone(normalize(images.to(device))).float(), dim=-1).cpu())
-            labels.append(torch.as_tensor(y).float())
+    for batch, _ in DataLoader(images, batch_size=128, collate_fn=collate):
+        if batch is not None:
+            x, y = batch
+            feats.append(F.normalize(backbone(normalize(x.to(device))).float(), dim=-1).cpu())
+            labels.append(y.float())
     if not feats:
         raise ValueError(f"k-NN probe: none of the {len(items)} images was readable "
                          f"(first: {items[0][0]})")

@@ -356,12 +356,11 @@ def random_subset(images, n, seed):
 
 
 def collate(samples):
-    """Stack the readable samples; the unreadable ones, given by their names, ride along in
-    'skipped' (never fatal; a batch with none readable has no views, and the training loop stops
-    with an error)."""
-    ok = [s for s in samples if isinstance(s, dict)]
-    views = {k: torch.stack([s[k] for s in ok]) for k in ok[0]} if ok else {}
-    return dict(views, skipped=[s for s in samples if isinstance(s, str)])
+    """(the readable samples stacked, or None if none is; the names of the unreadable ones, which
+    Views gives in their place). Never fatal: the training loops skip, count and list them."""
+    ok = [s for s in samples if not isinstance(s, str)]
+    names = [s for s in samples if isinstance(s, str)]
+    return (torch.utils.data.default_collate(ok) if ok else None), names
 
 
 def epoch_loader(views, args, epoch, start_batch=0, *, world=1, rank=0, pin=False):
@@ -617,10 +616,10 @@ def train(args, stop):
         epoch = step // steps_per_epoch
         loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world=world, rank=rank,
                               pin=device.type == "cuda")
-        for batch in loader:
-            if "global_views" not in batch:
-                raise ValueError(f"{args.data}: all {len(batch['skipped'])} images of a batch were "
-                                 f"unreadable, e.g. {batch['skipped'][0]}")
+        for batch, names in loader:
+            if batch is None:
+                raise ValueError(f"{args.data}: all {len(names)} images of a batch were "
+                                 f"unreadable, e.g. {names[0]}")
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             local_views, rstats = select_local_views(batch, arcface, args, generator, device)
             now = at(step)
@@ -630,7 +629,7 @@ def train(args, stop):
                                   clip_grad=args.clip_grad, bf16=args.bf16)
             step += 1
             bar.update(1)
-            pending_skipped += batch["skipped"]
+            pending_skipped += names
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             by_steps = args.save_every and step % args.save_every == 0
             # one process needs no collective to stop now

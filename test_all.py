@@ -921,8 +921,8 @@ class TestData:
         assert len(ds) == 2 and ds[0] is not None and ds[1] is None
         from crops import MultiCrop
         views = pretrain.Views(ds, MultiCrop(32, 16, n_local=2), seed=0)
-        batch = pretrain.collate([views[0], views[1]])
-        assert batch["skipped"] == [str(folder / "b.jpg")] and batch["global_views"].shape[0] == 1
+        batch, names = pretrain.collate([views[0], views[1]])
+        assert names == [str(folder / "b.jpg")] and batch["global_views"].shape[0] == 1
 
     @pytest.mark.slow
     def test_missing_dataset_is_one_line_error(self, tmp_path):
@@ -2234,7 +2234,7 @@ class TestGPU:
         from crops import MultiCrop
         args = _tiny_pretrain_args(image_folder, "unused", "--workers", "1")
         views = pretrain.Views(data.ImageFolder(image_folder), MultiCrop(32, 16, n_local=2), 0)
-        batch = next(iter(pretrain.epoch_loader(views, args, 0, pin=True)))
+        batch, _ = next(iter(pretrain.epoch_loader(views, args, 0, pin=True)))
         assert batch["global_views"].is_pinned() and batch["local_views"].is_pinned()
 
     @pytest.mark.gpu

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from data import RECORDIO_MAGIC, ArgumentParser, at_least
+from data import RAFDB_EXPRESSIONS, RECORDIO_MAGIC, ArgumentParser, at_least
 from loss import cosine_schedule
 
 # RAF-DB 1..7
-EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
+EXPRESSIONS = RAFDB_EXPRESSIONS
 ATTRIBUTES = ["Arched_Eyebrows", "Bald", "Bangs", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry",
               "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses", "Goatee", "Gray_Hair",
               "Mouth_Slightly_Open",
