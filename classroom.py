@@ -25,17 +25,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUPPORT = os.path.join(".classroom", "support")  # the blanked copy the grader imports from
 EXPECTED = os.path.join(".classroom", "expected.pt")
-NOT_COPIED = {
-    ".git",
-    ".classroom",
-    "runs",
-    "data",
-    "__pycache__",
-    ".pytest_cache",
-    "test_all.py",
-    "scripts",
-    "docs",
-}
+NOT_COPIED = {".git", ".classroom", "runs", "data", "__pycache__", ".pytest_cache", "test_all.py",
+              "scripts", "docs",}
 
 
 # ----------------------------------------------------------------------------- the exercises
@@ -325,11 +316,8 @@ class LayerDecay(Exercise):
         for name, (scale, decay) in exp.items():
             got_scale, got_decay = out[name]
             if abs(got_scale - scale) > 1e-9:
-                hint = (
-                    " (the exponent off by one?)"
-                    if any(abs(got_scale - scale * 0.65**e) < 1e-9 for e in (-1, 1))
-                    else ""
-                )
+                hint = (" (the exponent off by one?)"
+                        if any(abs(got_scale - scale * 0.65**e) < 1e-9 for e in (-1, 1)) else "")
                 return f"{name}: lr scale {got_scale:.4g}, expected {scale:.4g}{hint}"
             if got_decay != decay:
                 return (
@@ -393,23 +381,20 @@ class MeanClassAccuracy(Exercise):
                     "image "
                     "does not count)"
                 )
-        return (
-            None
-            if out["confusion"] == exp["confusion"]
-            else "the confusion matrix (rows: true class)"
-        )
+        return (None if out["confusion"] == exp["confusion"]
+                else "the confusion matrix (rows: true class)")
 
 
 EXERCISES = [
     Attention(
         "vit.Attention.forward",
         "§3.2",
-        "multi-head self-attention; with return_attention, the " "softmax(QK^T / sqrt(d)) maps",
+        "multi-head self-attention; with return_attention, the softmax(QK^T / sqrt(d)) maps",
     ),
     PosEmbed(
         "vit.resample_pos_embed",
         "§3.2",
-        "resample the position embedding to another patch grid " "(96 px local crops: 6 x 6)",
+        "resample the position embedding to another patch grid (96 px local crops: 6 x 6)",
     ),
     MultiCropSample(
         "crops.MultiCrop.sample", "§3, Fig. 2", "cut M global and C local candidate crops"
@@ -431,16 +416,16 @@ EXERCISES = [
     LayerDecay(
         "finetune.param_groups_layer_decay",
         "§4.1",
-        "layer-wise lr decay and no weight decay " "on biases, norms, pos_embed, cls_token",
+        "layer-wise lr decay and no weight decay on biases, norms, pos_embed, cls_token",
     ),
     DecodeHeatmaps(
-        "finetune_align.decode_heatmaps", "§4.1", "sub-pixel landmark positions from " "heat-maps"
+        "finetune_align.decode_heatmaps", "§4.1", "sub-pixel landmark positions from heat-maps"
     ),
     Nme("finetune_align.nme", "§4.1", "normalised mean error by the inter-ocular distance"),
     MeanClassAccuracy(
         "finetune_expr.classification_metrics",
         "§4.1",
-        "accuracy, mean class accuracy " "and the confusion matrix",
+        "accuracy, mean class accuracy and the confusion matrix",
     ),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
@@ -462,10 +447,8 @@ def function_node(tree, name):
     """The def node of 'function' or 'Class.method' in a module's syntax tree."""
     body, node = tree.body, None
     for part in name.split("."):
-        node = next(
-            (n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part),
-            None,
-        )
+        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                     and n.name == part), None)
         if node is None:
             raise KeyError(name)
         body = node.body
@@ -518,13 +501,8 @@ def copy_tree(dst):
     """This repository's files, without its tests, tools and outputs (nor `dst`, if inside)."""
 
     def ignore(folder, names):
-        return [
-            n
-            for n in names
-            if n in NOT_COPIED
-            or n.endswith(".pyc")
-            or os.path.abspath(os.path.join(folder, n)) == os.path.abspath(dst)
-        ]
+        return [n for n in names if n in NOT_COPIED or n.endswith(".pyc")
+                or os.path.abspath(os.path.join(folder, n)) == os.path.abspath(dst)]
 
     shutil.copytree(HERE, dst, ignore=ignore, dirs_exist_ok=True)
 
@@ -638,13 +616,8 @@ def main():
     sub.add_parser("list", help="the exercises")
     m = sub.add_parser("make", help="a student copy with the exercises blanked")
     m.add_argument("dir")
-    m.add_argument(
-        "--only",
-        nargs="+",
-        choices=list(BY_NAME),
-        default=None,
-        help="these exercises " "(default: all)",
-    )
+    m.add_argument("--only", nargs="+", choices=list(BY_NAME), default=None,
+                   help="these exercises (default: all)")
     g = sub.add_parser("grade", help="grade a student copy")
     g.add_argument("dir", nargs="?", default=".", help="the copy (default: here)")
     a = p.parse_args()

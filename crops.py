@@ -131,8 +131,8 @@ def main():
     p.add_argument("--out", default="views.png", help="the contact sheet (PNG)")
     p.add_argument("--global-size", type=at_least(1), default=224, help="global crop side (§3.2)")
     p.add_argument("--local-size", type=at_least(1), default=96, help="local crop side (§3.2)")
-    p.add_argument("--n-local", type=at_least(1), default=8, help="local crops N (unstated; "
-                   "DINO's 8)")
+    p.add_argument("--n-local", type=at_least(1), default=8,
+                   help="local crops N (unstated; DINO's 8)")
     p.add_argument("--seed", type=int, default=0, help="crop sampling")
     a = p.parse_args()
     img = load_image(a.image)

@@ -13,14 +13,18 @@ skips and counts those, so one corrupt file never stops a run.
 """
 import argparse
 import io
+import json
 import os
 import signal
 import struct
 import sys
+import time
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Subset
+from tqdm import tqdm
 
 # RAF-DB's basic expressions, in the order of its labels 1..7 (what toyfaces.py draws, too)
 RAFDB_EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
@@ -348,16 +352,109 @@ def pretrain_dataset(name_or_path, root=None):
     raise ValueError(f"dataset {name_or_path!r}: {path} is not {LAYOUTS}")
 
 
+def random_subset(images, n, seed):
+    """n of the dataset's images drawn at random by `seed` (ProS-1M-real: 1M of MS1M), in file
+    order."""
+    if not 0 < n <= len(images):
+        raise ValueError(f"--n-images {n}: expected 1 to {len(images)}, the number of images in "
+                         f"the dataset")
+    picks = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(images, picks.sort().values.tolist())
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_path(out, i):
+    """Where image i of an export goes: a thousand PNGs a folder (out/000123/000123456.png)."""
+    return os.path.join(out, f"{i // 1000:06d}", f"{i:09d}.png")
+
+
+class ExportItems(torch.utils.data.Dataset):
+    """Item i: image i written as a size x size PNG (bicubic) to export_path(out, i), through a
+    temporary name; returns "kept" (it was there), "written", or the name of an unreadable image."""
+
+    def __init__(self, images, out, size):
+        self.images, self.out, self.size = images, out, size
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        path = export_path(self.out, i)
+        if os.path.exists(path):
+            return "kept"
+        img = self.images[i]
+        if img is None:
+            return item_name(self.images, i)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        resized = img.resize((self.size, self.size), Image.BICUBIC)
+        resized.save(path + ".tmp", format="PNG", compress_level=1)  # dataset_tool re-encodes
+        os.replace(path + ".tmp", path)
+        return "written"
+
+
+def export(images, out, settings, size=256, workers=4):
+    """Write every image as a size x size PNG under `out`, the input StyleGAN2's dataset_tool.py
+    reads (§3.4: MS1M resized to 256 x 256 for the "paper256" config), in `workers` processes. A
+    file already there is kept, so an interrupted export resumes. `settings` (what was exported,
+    how) go to out/export.json: resuming under others is refused. Unreadable images are skipped
+    and listed in out/skipped.txt. Returns (written, kept, skipped names)."""
+    os.makedirs(out, exist_ok=True)
+    record = os.path.join(out, "export.json")
+    settings = dict(settings, size=size, images=len(images))
+    if os.path.exists(record):
+        with open(record) as f:
+            there = json.load(f)
+        if there != settings:
+            differ = ", ".join(f"{k} {settings.get(k)!r} (there: {there.get(k)!r})"
+                               for k in sorted(set(there) | set(settings))
+                               if there.get(k) != settings.get(k))
+            raise ValueError(f"{out} holds an export with other settings: {differ}; choose "
+                             "another folder")
+    with open(record, "w") as f:
+        json.dump(settings, f)
+    loader = torch.utils.data.DataLoader(ExportItems(images, out, size), batch_size=64,
+                                         num_workers=workers, collate_fn=list,
+                                         worker_init_fn=ignore_stop_signals)
+    done = []
+    with tqdm(total=len(images), desc="export", dynamic_ncols=True) as bar:
+        for results in loader:
+            done += results
+            bar.update(len(results))
+    skipped = [r for r in done if r not in ("kept", "written")]
+    if skipped:
+        with open(os.path.join(out, "skipped.txt"), "w") as f:
+            f.writelines(f"{name}\n" for name in skipped)
+    return done.count("written"), done.count("kept"), skipped
+
+
 def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("data", help="toy, a name under the data root (ms1m), or a path")
     p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
     p.add_argument("--check-all", action="store_true", help="RecordIO: read every record's "
                    "framing, not a sample (a full pass over the file)")
+    p.add_argument("--export", default=None, metavar="DIR", help="write the images as PNGs "
+                   "for StyleGAN2's dataset_tool.py (§3.4); run again to resume")
+    p.add_argument("--size", type=at_least(16), default=256, help="export side (§3.4: 256)")
+    p.add_argument("--n-images", type=at_least(1), default=None, help="export this many, drawn "
+                   "by --seed as pretrain.py --n-images draws them (ProS-1M-real: 1000000)")
+    p.add_argument("--seed", type=int, default=0, help="as pretrain.py's --seed")
+    p.add_argument("--workers", type=at_least(0), default=4, help="export processes")
     a = p.parse_args()
     ds = pretrain_dataset(a.data, a.data_root)
     if isinstance(ds, RecordIO) and a.check_all:
         print(f"{ds.rec}: all {ds.check()} records read back")
+    if a.export:
+        images = random_subset(ds, a.n_images, a.seed) if a.n_images else ds
+        start = time.time()
+        source = os.path.abspath(ds.rec if isinstance(ds, RecordIO) else a.data)
+        settings = dict(source=source, n_images=a.n_images, seed=a.seed if a.n_images else None)
+        written, kept, skipped = export(images, a.export, settings, a.size, a.workers)
+        rate = written / max(time.time() - start, 1e-9)
+        print(f"{a.export}: {written} PNGs written ({rate:.0f} images/s), {kept} already there"
+              + (f", {len(skipped)} unreadable skipped (listed in skipped.txt)" if skipped else ""))
+        return
     img = ds[0]
     print(f"{type(ds).__name__}: {len(ds)} images; the first is "
           f"{img.size if img else 'unreadable'}")

@@ -250,8 +250,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="figure", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", default=None, help="PNG to write (default: <figure>.png)")
-    common.add_argument("--images", nargs="*", default=None, help="image files (default: from the "
-                        "toy world)")
+    common.add_argument("--images", nargs="*", default=None,
+                        help="image files (default: from the toy world)")
     common.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
     common.add_argument("--n", type=data.at_least(1), default=4, help="how many images")
     common.add_argument("--seed", type=int, default=0, help="random crops (fig3)")
@@ -268,16 +268,16 @@ def main(argv=None):
     f5.add_argument("--data", default=None, help="training images (default: the run's --data)")
     f5.add_argument("--n-images", type=data.at_least(1), default=1000, help="training images "
                     "searched for neighbours")
-    f5.add_argument("--canvas", type=data.at_least(32), default=900, help="side of the picture in "
-                    "pixels")
+    f5.add_argument("--canvas", type=data.at_least(32), default=900,
+                    help="side of the picture in pixels")
     f6 = add("fig6", "last-layer attention per head (Fig. 6)")
     f6.add_argument("--checkpoint", required=True, help="the pretrained teacher (any "
                     "vit.load_pretrained input)")
     f6.add_argument("--finetuned", nargs="+", default=None, help="fine-tuned models' checkpoints, "
                     "drawn to the right of the pretrained one as (b), (c), ... (Fig. 6: CelebA, "
                     "then RAF-DB)")
-    f6.add_argument("--arch", default="vit_small", choices=vit.ARCHS, help="backbone of both "
-                    "checkpoints")
+    f6.add_argument("--arch", default="vit_small", choices=vit.ARCHS,
+                    help="backbone of both checkpoints")
     f6.add_argument("--size", type=data.patch_multiple, default=224, help="input side")
     fc = add("curves", "training curves from log.jsonl")
     fc.add_argument("--log", required=True, help="pretrain.py's log.jsonl")

@@ -73,11 +73,11 @@ def add_common_args(p, datasets, defaults, notes=None):
                    help=notes["batch_size"] + "; global, split over processes; a training "
                    "subset smaller than it is one batch")
     p.add_argument("--lr", type=above(0.0), default=defaults["lr"], help=notes["lr"])
-    p.add_argument("--min-lr", type=nonneg, default=0.0, help="the lr decays to this (§4.1: to "
-                   "zero)")
+    p.add_argument("--min-lr", type=nonneg, default=0.0,
+                   help="the lr decays to this (§4.1: to zero)")
     p.add_argument("--weight-decay", type=nonneg, default=defaults["weight_decay"],
-                   help=notes["weight_decay"] + "; none on biases, norms, pos_embed, cls_token "
-                   "(MAE)")
+                   help=notes["weight_decay"]
+                   + "; none on biases, norms, pos_embed, cls_token (MAE)")
     p.add_argument("--layer-decay", type=fraction, default=defaults["layer_decay"],
                    help=notes["layer_decay"] + "; block i of L gets lr * layer_decay^(L+1-i)")
     p.add_argument("--warmup-epochs", type=nonneg, default=defaults["warmup_epochs"],
@@ -572,9 +572,9 @@ def run_all(task, args, stop):
     n_keep = len(few_shot_indices(len(train_set), args.frac, 0, args.n_train))
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        print(f"{args.dataset}: {len(train_set)} training images, {n_keep} kept; "
-              f"test: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()) + f"; results in "
-              f"{args.out}")
+        print(f"{args.dataset}: {len(train_set)} training images, {n_keep} kept; test: "
+              + ", ".join(f"{k} {len(v)}" for k, v in tests.items())
+              + f"; results in {args.out}")
     ctx = (rank, world, device, stop)
     runs = [train_one(task, args, train_set, tests, r, ctx) for r in range(args.runs)]
     finals = [flatten(r["final"]) for r in runs]

@@ -35,8 +35,7 @@ RAFDB_CLASSES = RAFDB_EXPRESSIONS
 AFFECTNET_CLASSES = ["Neutral", "Happiness", "Sadness", "Surprise", "Fear", "Disgust", "Anger",
                      "Contempt"]
 FOLDER_NAMES = {"neutral": 0, "happy": 1, "happiness": 1, "sad": 2, "sadness": 2, "surprise": 3,
-                "fear": 4,
-                "disgust": 5, "anger": 6, "angry": 6, "contempt": 7}
+                "fear": 4, "disgust": 5, "anger": 6, "angry": 6, "contempt": 7}
 
 
 def read_rafdb(path):

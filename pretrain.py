@@ -36,8 +36,7 @@ from tqdm import tqdm
 
 from crops import MultiCrop, normalize
 from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals,
-                  is_rank_zero,
-                  item_name, patch_multiple, pretrain_dataset, run_cli)
+                  is_rank_zero, item_name, patch_multiple, pretrain_dataset, random_subset, run_cli)
 from loss import (PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule,
                   weight_decay_schedule)
 from retrieval import ArcFace, select_batch
@@ -48,20 +47,20 @@ from vit import ARCHS, read_checkpoint
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
     count, positive, nonneg = at_least(1), above(0.0), at_least(0.0, float)
-    p.add_argument("--data", default="toy", help="toy, a name under the data root (ms1m), or a "
-                   "path")
+    p.add_argument("--data", default="toy",
+                   help="toy, a name under the data root (ms1m), or a path")
     p.add_argument("--data-root", default=None, help="where dataset names resolve (default: "
                    "$PROS_DATA, else ./data)")
     p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: ViT-S/16)")
     p.add_argument("--epochs", type=count, default=20, help="§3.3")
-    p.add_argument("--batch-size", type=count, default=64, help="images per process (§3.3: 64 x 4 "
-                   "GPUs)")
+    p.add_argument("--batch-size", type=count, default=64,
+                   help="images per process (§3.3: 64 x 4 GPUs)")
     p.add_argument("--lr", type=positive, default=1e-3, help="peak lr after warmup for a global "
                    "batch of 256; scaled by global batch / 256 (§3.3)")
-    p.add_argument("--warmup-lr", type=nonneg, default=2e-4, help="initial lr, scaled the same "
-                   "way (§3.3)")
-    p.add_argument("--min-lr", type=nonneg, default=1e-6, help="final lr of the cosine decay "
-                   "(§3.3)")
+    p.add_argument("--warmup-lr", type=nonneg, default=2e-4,
+                   help="initial lr, scaled the same way (§3.3)")
+    p.add_argument("--min-lr", type=nonneg, default=1e-6,
+                   help="final lr of the cosine decay (§3.3)")
     p.add_argument("--warmup-epochs", type=nonneg, default=2, help="§3.3")
     p.add_argument("--weight-decay", type=nonneg, default=0.04,
                    help="AdamW, at the start (§3.3); none on biases, norms, prototypes (MSN)")
@@ -85,8 +84,8 @@ def get_args(argv=None):
     p.add_argument("--projector-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="BatchNorm in the projector's hidden layers (MSN config); "
                    "--no-projector-bn: §3.2's 3 plain layers")
-    p.add_argument("--global-size", type=patch_multiple, default=224, help="global crop side "
-                   "(§3.2)")
+    p.add_argument("--global-size", type=patch_multiple, default=224,
+                   help="global crop side (§3.2)")
     p.add_argument("--local-size", type=patch_multiple, default=96, help="local crop side (§3.2)")
     p.add_argument("--n-global", type=count, default=2, help="M global views (DINO's 2)")
     p.add_argument("--n-local", type=count, default=8, help="N local views (unstated; DINO's 8)")
@@ -101,8 +100,8 @@ def get_args(argv=None):
     p.add_argument("--n-images", type=count, default=None, help="pretrain on this many images "
                    "drawn at random by --seed (ProS-1M-real of Tables 1-4: 1000000 of MS1M; "
                    "default: all)")
-    p.add_argument("--out", default="runs/pretrain", help="checkpoints and logs; an existing run "
-                   "resumes")
+    p.add_argument("--out", default="runs/pretrain",
+                   help="checkpoints and logs; an existing run resumes")
     p.add_argument("--save-every", type=at_least(0), default=0, help="also checkpoint every this "
                    "many steps (0: never)")
     p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the "
@@ -343,16 +342,6 @@ class Views(torch.utils.data.Dataset):
             if item is None:
                 return item_name(self.images, i)
             return item if self.transform is None else self.transform(item)
-
-
-def random_subset(images, n, seed):
-    """n of the dataset's images drawn at random by `seed` (ProS-1M-real: 1M of MS1M), in file
-    order."""
-    if not 0 < n <= len(images):
-        raise ValueError(f"--n-images {n}: expected 1 to {len(images)}, the number of images in "
-                         f"the dataset")
-    picks = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    return torch.utils.data.Subset(images, picks.sort().values.tolist())
 
 
 def collate(samples):

@@ -123,8 +123,8 @@ class ArcFace:
         torch.cuda.current_stream(x.device).synchronize()  # onnxruntime reads x on its own stream
         out_meta = self.session.get_outputs()[0]
         binding = self.session.io_binding()
-        binding.bind_input(self.input_name, "cuda", x.device.index or 0, np.float32, tuple(x.shape),
-                           x.data_ptr())
+        binding.bind_input(self.input_name, "cuda", x.device.index or 0, np.float32,
+                           tuple(x.shape), x.data_ptr())
         binding.bind_output(out_meta.name, "cuda", x.device.index or 0)
         self.session.run_with_iobinding(binding)
         return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(x.device)
@@ -211,8 +211,8 @@ def main():
     p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below "
                    "are displaced (§3)")
     p.add_argument("--n-local", type=at_least(1), default=8, help="N local crops")
-    p.add_argument("--n-candidates", type=at_least(1), default=12, help="local candidates C per "
-                   "image")
+    p.add_argument("--n-candidates", type=at_least(1), default=12,
+                   help="local candidates C per image")
     p.add_argument("--raw-input", action="store_true", help="the graph normalises inside (old "
                    "MXNet exports)")
     p.add_argument("--out", default="figure3.png", help="the Fig. 3 sheet (PNG)")

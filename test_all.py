@@ -172,8 +172,8 @@ def _write_rec(folder, records):
     """An independent dmlc RecordIO writer: records = {key: payload}."""
     magic = struct.pack("<I", 0xCED7230A)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "train.rec"),
-              "wb") as rec, open(os.path.join(folder, "train.idx"), "w") as idx:
+    rec_path, idx_path = os.path.join(folder, "train.rec"), os.path.join(folder, "train.idx")
+    with open(rec_path, "wb") as rec, open(idx_path, "w") as idx:
         for key in sorted(records, reverse=True):  # keys in any order in the index
             idx.write(f"{key}\t{rec.tell()}\n")
             payload = records[key]
@@ -193,10 +193,9 @@ def _png(color, size=(8, 8)):
 def _tiny_pretrain_argv(data, out, *extra):
     """A pretraining command line small enough for a test (later flags override earlier ones)."""
     return ["--data", data, "--out", out, "--arch", "vit_tiny", "--epochs", "2", "--batch-size",
-            "4",
-            "--global-size", "32", "--local-size", "16", "--n-local", "2", "--n-prototypes", "32",
-            "--out-dim", "16",
-            "--workers", "0", "--log-every", "1", "--warmup-epochs", "1", *extra]
+            "4", "--global-size", "32", "--local-size", "16", "--n-local", "2", "--n-prototypes",
+            "32", "--out-dim", "16", "--workers", "0", "--log-every", "1", "--warmup-epochs", "1",
+            *extra]
 
 
 def _tiny_pretrain_args(data, out, *extra):
@@ -276,10 +275,8 @@ def _celeba(tmp_path, attr=CELEBA_ATTR, parts="000001.jpg 0\n000002.jpg 1\n00000
 
 def _toy_finetune(script, toy_root, out, *extra):
     code, stdout, err = run_script(script, "--dataset", "toy", "--data-root", toy_root, "--arch",
-                                   "vit_tiny",
-                                   "--img-size", "32", "--epochs", "2", "--batch-size", "16",
-                                   "--workers", "0",
-                                   "--runs", "1", "--out", out, *extra)
+                                   "vit_tiny", "--img-size", "32", "--epochs", "2", "--batch-size",
+                                   "16", "--workers", "0", "--runs", "1", "--out", out, *extra)
     assert code == 0, err
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
@@ -378,8 +375,7 @@ def _mixed_backend_worker(rank, world, port, data, tmp):
     torch.distributed.init_process_group("cpu:gloo,cuda:gloo")
     import pretrain
     pretrain.main(pretrain.get_args(_tiny_pretrain_argv(data, os.path.join(tmp, "run"), "--epochs",
-                                                        "1",
-                                                        "--sinkhorn", "--projector-bn")))
+                                                        "1", "--sinkhorn", "--projector-bn")))
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -511,10 +507,8 @@ class TestViT:
         sd = src.state_dict()
         head = {"head.weight": torch.randn(10, 192), "head.bias": torch.randn(10)}
         ckpt = {"dino": {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()},
-                                     "head.mlp.0.weight": torch.ones(3)},
-                         "student": {}},
-                "dino_bare": dict(sd),
-                "timm": {"model": {**sd, **head}},
+                                     "head.mlp.0.weight": torch.ones(3)}, "student": {}},
+                "dino_bare": dict(sd), "timm": {"model": {**sd, **head}},
                 "msn": {"target_encoder": {f"module.{k}": v for k, v in sd.items()}},
                 "ours": {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()},
                                      "head.mlp.0.weight": torch.ones(3)},
@@ -765,9 +759,8 @@ class TestRetrieval:
         broken = tmp_path / "arc.onnx"
         broken.write_bytes(b"nope" * 100)
         code, out, err = run_script("pretrain.py", "--data", os.path.join(toy_root, "toy", "ms1m"),
-                                    "--arcface",
-                                    str(broken), "--out", str(tmp_path / "run"), "--arch",
-                                    "vit_tiny")
+                                    "--arcface", str(broken), "--out", str(tmp_path / "run"),
+                                    "--arch", "vit_tiny")
         assert code != 0 and "arc.onnx" in last_line(err) and "Traceback" not in err
 
 
@@ -966,6 +959,81 @@ class TestData:
                                           "--log-every", "32"))
         assert json.loads(open(out_dir / "log.jsonl").readlines()[-1])["skipped"] == 1
         assert (out_dir / "skipped.txt").read_text() == f"{rec}:129\n"
+
+
+def _noise_pack(folder, n, broken=()):
+    """A RecordIO pack of n random 16 x 16 images, keys 1..n; the keys in `broken` hold bytes that
+    are no image."""
+    rng = np.random.default_rng(0)
+    records = {}
+    for key in range(1, n + 1):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(buf, "PNG")
+        body = b"not an image" if key in broken else buf.getvalue()
+        records[key] = struct.pack("<IfQQ", 0, float(key), 0, 0) + body
+    _write_rec(folder, records)
+
+
+class TestExport:
+    """data.py --export: the pack out to StyleGAN2's dataset_tool.py (§3.4)."""
+
+    def test_export_writes_each_records_image_resized_and_lists_the_unreadable(self, tmp_path):
+        from data import RecordIO, export, export_path
+        _noise_pack(str(tmp_path / "ms1m"), 12, broken={5})
+        pack = RecordIO(str(tmp_path / "ms1m"))
+        out = str(tmp_path / "out")
+        written, kept, skipped = export(pack, out, {"source": "test"}, size=32, workers=0)
+        assert (written, kept) == (11, 0) and skipped == [pack.rec + ":5"]
+        assert (tmp_path / "out" / "skipped.txt").read_text() == pack.rec + ":5\n"
+        for i in range(12):
+            path = export_path(out, i)
+            if i == 4:  # key 5
+                assert not os.path.exists(path)
+                continue
+            expected = np.asarray(pack[i].resize((32, 32), Image.BICUBIC))
+            assert np.array_equal(np.asarray(Image.open(path)), expected), i
+
+    @pytest.mark.slow
+    def test_n_images_exports_what_pretraining_draws(self, tmp_path):
+        from data import RecordIO, export_path, random_subset
+        _noise_pack(str(tmp_path / "ms1m"), 30)
+        pack = RecordIO(str(tmp_path / "ms1m"))
+        drawn = random_subset(pack, 7, seed=3)  # what pretrain.py --n-images 7 --seed 3 trains on
+        code, out, err = run_script("data.py", str(tmp_path / "ms1m"), "--export",
+                                    str(tmp_path / "out"), "--n-images", "7", "--seed", "3",
+                                    "--size", "16", "--workers", "0")
+        assert code == 0 and "7 PNGs written" in out, err
+        for i in range(7):
+            got = np.asarray(Image.open(export_path(str(tmp_path / "out"), i)))
+            assert np.array_equal(got, np.asarray(drawn[i])), i  # 16 px: no resampling
+        assert len(set(drawn.indices)) == 7 and drawn.indices != list(range(7))
+
+    def test_an_interrupted_export_resumes_without_rewriting_and_refuses_other_settings(
+            self, tmp_path):
+        from data import RecordIO, export, export_path
+        _noise_pack(str(tmp_path / "ms1m"), 10)
+        pack = RecordIO(str(tmp_path / "ms1m"))
+        out = str(tmp_path / "out")
+        export(pack, out, {"source": "test"}, size=16, workers=0)
+        paths = [export_path(out, i) for i in range(10)]
+        for p in paths:
+            os.utime(p, (1, 1))  # a mark a rewrite would erase
+        for p in paths[6:]:  # as if killed after 6 images
+            os.remove(p)
+        written, kept, skipped = export(pack, out, {"source": "test"}, size=16, workers=0)
+        assert (written, kept, skipped) == (4, 6, [])
+        assert [os.stat(p).st_mtime == 1 for p in paths] == [True] * 6 + [False] * 4
+        with pytest.raises(ValueError, match="size 32 \\(there: 16\\)"):
+            export(pack, out, {"source": "test"}, size=32, workers=0)
+
+    def test_an_image_folder_opens_no_file_to_start(self, tmp_path):
+        from data import ImageFolder
+        for d in range(3):
+            os.makedirs(tmp_path / f"{d:03d}")
+            for i in range(5):
+                (tmp_path / f"{d:03d}" / f"{i}.png").write_bytes(b"")  # not images at all
+        ds = ImageFolder(str(tmp_path))
+        assert len(ds) == 15 and ds[0] is None  # unreadable only when read
 
 
 class TestToyWorld:
@@ -1253,10 +1321,9 @@ class TestPretrain:
     def test_pretrain_with_retrieval_logs_reject_rate(self, tmp_path, toy_root):
         import pretrain
         args = _tiny_pretrain_args(os.path.join(toy_root, "toy", "ms1m"), str(tmp_path / "r"),
-                                   "--arcface",
-                                   os.path.join(toy_root, "toy", "arcface.onnx"), "--n-candidates",
-                                   "4",
-                                   "--face-threshold", "1.5", "--epochs", "1")
+                                   "--arcface", os.path.join(toy_root, "toy", "arcface.onnx"),
+                                   "--n-candidates", "4", "--face-threshold", "1.5", "--epochs",
+                                   "1")
         # no cosine reaches 1.5: every candidate is rejected, every image falls back
         pretrain.main(args)
         log = [json.loads(l) for l in open(tmp_path / "r" / "log.jsonl")]
@@ -1295,8 +1362,8 @@ class TestPretrain:
         import pretrain
         out = str(tmp_path / "run")
         pretrain.main(_tiny_pretrain_args(image_folder, out, "--epochs", "1"))
-        with pytest.raises(ValueError, match=r"batch_size 2 \(there: 4\).*another --out, or "
-                           r"delete"):
+        with pytest.raises(ValueError,
+                           match=r"batch_size 2 \(there: 4\).*another --out, or delete"):
             pretrain.main(_tiny_pretrain_args(image_folder, out, "--epochs", "1", "--batch-size",
                                               "2"))
         shutil.copytree(image_folder, tmp_path / "other")
@@ -1369,8 +1436,7 @@ class TestPretrain:
                 "--n-local", "2",
                 "--n-prototypes", "32", "--out-dim", "16", "--workers", "0"]
         code, out, err = run_script(os.path.join("scripts", "kill_resume.py"), "--kills", "5",
-                                    "--dir",
-                                    str(tmp_path), "--", *argv)
+                                    "--dir", str(tmp_path), "--", *argv)
         assert code == 0, out + err
         assert out.count("last checkpoint at "
                          "step") == 5 and "identical to the uninterrupted run's, bit for bit" in out
@@ -1566,9 +1632,8 @@ class TestFinetune:
                                                                               tmp_path, toy_root):
         out = str(tmp_path / "out")
         argv = ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny", "--img-size",
-                "32", "--epochs", "1",
-                "--batch-size", "16", "--workers", "0", "--frac", "0.5", "--runs", "2", "--out",
-                out]
+                "32", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--frac", "0.5",
+                "--runs", "2", "--out", out]
         if script == "align":
             argv += ["--heatmap-size", "8", "--channels", "8"]
         torch.multiprocessing.spawn(_finetune_ddp_worker,
@@ -1595,10 +1660,8 @@ class TestFinetune:
         for path, _ in read_celeba(d)[split]:
             open(path, "wb").write(b"\xff\xd8\xff garbage")
         code, out, err = run_script("finetune_attr.py", "--dataset", "celeba", "--data", d,
-                                    "--arch", "vit_tiny",
-                                    "--img-size", "32", "--epochs", "1", "--workers", "0",
-                                    "--runs", "1",
-                                    "--out", str(tmp_path / "r"))
+                                    "--arch", "vit_tiny", "--img-size", "32", "--epochs", "1",
+                                    "--workers", "0", "--runs", "1", "--out", str(tmp_path / "r"))
         expected = {"train": "of a training batch were unreadable", "test": "test images was "
                     "readable"}[split]
         assert code != 0
@@ -1616,18 +1679,16 @@ class TestFinetune:
         torch.save(vit.vit_tiny().state_dict(), init)
         out = str(tmp_path / "attr")
         argv = ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny", "--img-size",
-                "32",
-                "--epochs", "1", "--batch-size", "16", "--workers", "0", "--frac", "0.5", "--out",
-                out,
-                "--runs", "1"]
+                "32", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--frac", "0.5",
+                "--out", out, "--runs", "1"]
         first = finetune.main(Attributes(), argv + ["--init", init])
         capsys.readouterr()
         again = finetune.main(Attributes(), argv + ["--init", init])
         assert "reused, not retrained" in capsys.readouterr().out and again["runs"] == first["runs"]
         for other, named in ((["--init", "random"], "init_sha256"),
                              (["--init", init, "--frac", "0.25"], "frac 0.25")):
-            with pytest.raises(ValueError, match=f"result.json was made with other settings: "
-                               f".*{named}"):
+            with pytest.raises(ValueError,
+                               match=f"result.json was made with other settings: .*{named}"):
                 finetune.main(Attributes(), argv + other)
         torch.save(vit.vit_tiny().state_dict(), init)  # another checkpoint at the same path
         with pytest.raises(ValueError, match="init_sha256"):
@@ -1718,8 +1779,7 @@ class TestAttr:
         init = str(tmp_path / "init.pth")
         torch.save(vit.vit_tiny().state_dict(), init)
         res = _toy_finetune("finetune_attr.py", toy_root, str(tmp_path / "a"), "--init", init,
-                            "--head-only",
-                            "--runs", "2", "--frac", "0.5")
+                            "--head-only", "--runs", "2", "--frac", "0.5")
         assert res["n_train"] == 48 and res["n_train_total"] == 96 and len(res["runs"]) == 2
         # the default: bf16 autocast on CUDA only
         assert res["args"]["bf16"] == torch.cuda.is_available()
@@ -1937,8 +1997,7 @@ class TestAlign:
     @pytest.mark.slow
     def test_align_toy_run(self, tmp_path, toy_root):
         res = _toy_finetune("finetune_align.py", toy_root, str(tmp_path / "l"), "--heatmap-size",
-                            "16", "--bf16",
-                            "--channels", "24")
+                            "16", "--bf16", "--channels", "24")
         test = res["runs"][0]["final"]["test"]
         head = torch.load(str(tmp_path / "l" / "run0" / "checkpoint.pth"),
                           weights_only=True)["model"]["predict.weight"]
@@ -2290,8 +2349,8 @@ class TestClassroom:
             "loss.ema_update": ("loss.py", "_(list(t), momentum)\n", "_(list(t), 1 - momentum)\n",
                                 "alpha=1 - momentum)", "alpha=momentum)"),
             "retrieval.select": ("retrieval.py", "sim >= threshold", "sim < threshold"),
-            "finetune.param_groups_layer_decay": ("finetune.py", "layer_decay ** (n_layers + 1 - "
-                                                  "layer)",
+            "finetune.param_groups_layer_decay": ("finetune.py",
+                                                  "layer_decay ** (n_layers + 1 - layer)",
                                                   "layer_decay ** (n_layers - layer)"),
         }
         for name, (file, *edits) in bugs.items():

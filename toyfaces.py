@@ -252,8 +252,8 @@ def render(t, look, pose, size, r):
         poly(ellipse(0, t["eye_y"] + 0.2, fw * 1.3, fh + 0.55), hair)
     for side in (-1, 1):  # ears
         poly(ellipse(side * fw * 0.98, t["eye_y"] + 0.15, 0.14, 0.25), skin)
-    head = np.concatenate([P[0:17], ellipse(0, t["eye_y"], fw, t["eye_y"] - top, 0, -np.pi,
-                                            24)[1:-1]])
+    head = np.concatenate([P[0:17],
+                           ellipse(0, t["eye_y"], fw, t["eye_y"] - top, 0, -np.pi, 24)[1:-1]])
     poly(head, skin)
     if t["style"] != "none":  # hair cap down to the hairline; bangs cover the forehead
         hairline = t["eye_y"] - (0.3 if t["style"] == "bangs" else 0.62)
@@ -403,8 +403,8 @@ def write_recordio(folder, images_per_id, seed, workers):
     for ident, count in enumerate(images_per_id):
         records[n + 1 + ident] = recordio_payload([start, start + count])
         start += count
-    with open(os.path.join(folder, "train.rec"),
-              "wb") as rec, open(os.path.join(folder, "train.idx"), "w") as idx:
+    rec_path, idx_path = os.path.join(folder, "train.rec"), os.path.join(folder, "train.idx")
+    with open(rec_path, "wb") as rec, open(idx_path, "w") as idx:
         def put(key, payload):
             idx.write(f"{key}\t{rec.tell()}\n")
             rec.write(recordio_pack(payload))
@@ -710,8 +710,8 @@ def main():
     p.add_argument("--images", type=at_least(20), default=DEFAULT_IMAGES, help="images in ms1m; "
                    "celeba gets as many, rafdb 3/4, 300w 1/2")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
-    p.add_argument("--workers", type=at_least(1), default=None, help="processes (default: up to 4 "
-                   "cores)")
+    p.add_argument("--workers", type=at_least(1), default=None,
+                   help="processes (default: up to 4 cores)")
     p.add_argument("--recognizer-steps", type=at_least(1), default=600, help="training steps of "
                    "the toy ArcFace")
     a = p.parse_args()

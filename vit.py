@@ -213,11 +213,10 @@ def safe_globals():
     arrays."""
     import numpy as np
     core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
-    dtypes = {type(np.dtype(t)) for t in (np.bool_, np.int32, np.int64, np.float16, np.float32,
-                                          np.float64)}
+    dtypes = {type(np.dtype(t))
+              for t in (np.bool_, np.int32, np.int64, np.float16, np.float32, np.float64)}
     return [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct,
-            core.multiarray.scalar,
-            *dtypes]
+            core.multiarray.scalar, *dtypes]
 
 
 def read_checkpoint(path):
@@ -302,10 +301,10 @@ def main():
     # here: importing vit.py needs torch alone
     from data import ArgumentParser, at_least, patch_multiple
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: "
-                        "ViT-S/16)")
-    parser.add_argument("--batch-size", type=at_least(1), default=8, help="images in the timed "
-                        "step")
+    parser.add_argument("--arch", default="vit_small", choices=ARCHS,
+                        help="backbone (§3.2: ViT-S/16)")
+    parser.add_argument("--batch-size", type=at_least(1), default=8,
+                        help="images in the timed step")
     parser.add_argument("--img-size", type=patch_multiple, default=224, help="input side, a "
                         "multiple of 16")
     args = parser.parse_args()
