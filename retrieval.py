@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from data import ArgumentParser, at_least, run_cli, to_rgb
+from crops import MultiCrop, contact_sheet
+from data import ArgumentParser, at_least, load_image, run_cli, to_rgb
 
 
 def onnx_providers(available):
@@ -187,7 +188,6 @@ def figure3(arcface, images, n_local=8, n_candidates=12, threshold=-0.5, seed=0)
     """Per image (PIL): its global crops, the uncurated local crops (what the student sees without
     the retrieval; rejected ones framed in red, every one with its similarity) and the curated ones
     kept."""
-    from crops import MultiCrop, contact_sheet
     torch.manual_seed(seed)
     mc = MultiCrop(n_local=n_local, n_candidates=n_candidates)
     rows, boxes, captions = [], [], []
@@ -217,7 +217,6 @@ def main():
                    "MXNet exports)")
     p.add_argument("--out", default="figure3.png", help="the Fig. 3 sheet (PNG)")
     a = p.parse_args()
-    from data import load_image
     images = [load_image(path) for path in a.images]
     bad = [path for path, img in zip(a.images, images) if img is None]
     if bad:

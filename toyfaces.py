@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from crops import MultiCrop
 from data import RAFDB_EXPRESSIONS, RECORDIO_MAGIC, ArgumentParser, at_least
 from loss import cosine_schedule
+from retrieval import ArcFace, similarity
 
 # RAF-DB 1..7
 EXPRESSIONS = RAFDB_EXPRESSIONS
@@ -599,8 +601,6 @@ def evaluate_recognizer(path, seed=0, n_ids=200):
     picked on one half of the pairs, accuracy measured on the other, both ways), and the mean
     similarity to the image's global crops of local crops with a face vs without one, with the
     share of each rejected at theta = -0.5."""
-    from crops import MultiCrop
-    from retrieval import ArcFace, similarity
     face = ArcFace(path)
     r = np.random.default_rng([seed, 13])
     crops, ids, with_face, without_face = [], [], [], []
