@@ -20,6 +20,7 @@ import io
 import math
 import os
 import shutil
+import signal
 import struct
 import tempfile
 import time
@@ -431,8 +432,15 @@ def generate(jobs, workers, desc):
     if workers <= 1:
         yield from tqdm(map(_make, jobs), **bar)
         return
-    with Pool(workers) as pool:
+    with Pool(workers, initializer=_worker_signals) as pool:
         yield from tqdm(pool.imap(_make, jobs, chunksize=16), **bar)
+
+
+def _worker_signals():
+    """In a pool worker: Ctrl-C is the parent's to handle, and SIGTERM, how Pool stops its workers,
+    kills, whatever handler the parent had set (pretrain.py catches it to save and exit)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def write_celeba(folder, n, seed, workers):
