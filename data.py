@@ -362,6 +362,25 @@ def random_subset(images, n, seed):
     return Subset(images, picks.sort().values.tolist())
 
 
+def check_settings(saved, current, path, option="--out"):
+    """Refuse a checkpoint, result or export made with other settings: one line naming them and
+    the ways out (`option`: the flag that names the folder)."""
+    way_out = f"choose another {option}, or delete {os.path.dirname(path) or '.'} to start over"
+    if saved is None:
+        raise ValueError(f"{path} does not record the settings it was made with; {way_out}")
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if differ:
+        said = ", ".join(f"{k} {current.get(k)!r} (there: {saved.get(k)!r})" for k in differ)
+        raise ValueError(f"{path} was made with other settings: {said}; {way_out}")
+
+
+def write_lines(path, lines):
+    """A text file of one item per line, written atomically."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(f"{line}\n" for line in lines)
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------- export
 
 def export_path(out, i):
@@ -404,15 +423,8 @@ def export(images, out, settings, size=256, workers=4):
     settings = dict(settings, size=size, images=len(images))
     if os.path.exists(record):
         with open(record) as f:
-            there = json.load(f)
-        if there != settings:
-            differ = ", ".join(f"{k} {settings.get(k)!r} (there: {there.get(k)!r})"
-                               for k in sorted(set(there) | set(settings))
-                               if there.get(k) != settings.get(k))
-            raise ValueError(f"{out} holds an export with other settings: {differ}; choose "
-                             "another folder")
-    with open(record, "w") as f:
-        json.dump(settings, f)
+            check_settings(json.load(f), settings, record, option="--export")
+    write_lines(record, [json.dumps(settings)])
     loader = torch.utils.data.DataLoader(ExportItems(images, out, size), batch_size=64,
                                          num_workers=workers, collate_fn=list,
                                          worker_init_fn=ignore_stop_signals)
@@ -423,8 +435,7 @@ def export(images, out, settings, size=256, workers=4):
             bar.update(len(results))
     skipped = [r for r in done if r not in ("kept", "written")]
     if skipped:
-        with open(os.path.join(out, "skipped.txt"), "w") as f:
-            f.writelines(f"{name}\n" for name in skipped)
+        write_lines(os.path.join(out, "skipped.txt"), skipped)
     return done.count("written"), done.count("kept"), skipped
 
 

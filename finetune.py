@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 from crops import IMAGENET_MEAN, IMAGENET_STD, normalize
 import data
-from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals,
-                  load_image, patch_multiple, probability)
+from data import (ArgumentParser, above, at_least, check_settings, data_root, fraction,
+                  ignore_stop_signals, load_image, patch_multiple, probability, write_lines)
 from loss import cosine_schedule, ema_update
-from pretrain import (StopRequest, Views, all_mean, check_settings, checkpoint_due, collate,
-                      from_rank_zero, gather_names, load_resume, read_if_there, restore_rng,
-                      rng_state, save_atomic, setup_distributed, stop_exit, use_bf16, write_lines)
+from pretrain import (StopRequest, Views, all_mean, checkpoint_due, collate, from_rank_zero,
+                      gather_names, load_resume, read_if_there, restore_rng, rng_state,
+                      save_atomic, setup_distributed, stop_exit, use_bf16)
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 BICUBIC = v2.InterpolationMode.BICUBIC

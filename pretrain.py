@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from crops import MultiCrop, normalize
-from data import (ArgumentParser, above, at_least, data_root, fraction, ignore_stop_signals,
-                  is_rank_zero, item_name, patch_multiple, pretrain_dataset, random_subset, run_cli)
+from data import (ArgumentParser, above, at_least, check_settings, data_root, fraction,
+                  ignore_stop_signals, is_rank_zero, item_name, patch_multiple, pretrain_dataset,
+                  random_subset, run_cli, write_lines)
 from loss import (PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule,
                   weight_decay_schedule)
 from retrieval import ArcFace, select_batch
@@ -132,18 +133,6 @@ def run_settings(args, world, n_images):
     processes (it sets the global batch) and the number of images in the dataset."""
     flags = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
     return dict(flags, processes=world, dataset_images=n_images)
-
-
-def check_settings(saved, current, path):
-    """Refuse a checkpoint or result made with other settings: one line naming them and the ways
-    out."""
-    way_out = f"choose another --out, or delete {os.path.dirname(path) or '.'} to start over"
-    if saved is None:
-        raise ValueError(f"{path} does not record the settings it was made with; {way_out}")
-    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if differ:
-        said = ", ".join(f"{k} {current.get(k)!r} (there: {saved.get(k)!r})" for k in differ)
-        raise ValueError(f"{path} was made with other settings: {said}; {way_out}")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -244,13 +233,6 @@ def gather_names(names, world):
     lists = [None] * world
     dist.all_gather_object(lists, list(names))
     return [n for names_of_one in lists for n in names_of_one]
-
-
-def write_lines(path, lines):
-    """A text file of one item per line, written atomically."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(f"{line}\n" for line in lines)
-    os.replace(path + ".tmp", path)
 
 
 def rewind_log(path, step):
