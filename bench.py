@@ -2,7 +2,7 @@
 
     python bench.py                    # everything: ViT-S/16 at the paper's sizes, 4 images a step
     python bench.py --device cuda      # on a GPU: 64 images a step (§3.3's per-GPU batch), bf16
-    python bench.py --only step        # one section: step, retrieval, pipeline
+    python bench.py --only step        # one section: step, retrieval, loader, pipeline
 
 step:      one ProS training step (teacher forward on 2 global 224 crops per image, student
            forward + backward on 8 local 96 crops per image, AdamW): images/s and peak memory;
@@ -10,12 +10,18 @@ step:      one ProS training step (teacher forward on 2 global 224 crops per ima
            and the ratio.
 retrieval: crops/s of ArcFace.embed batched vs one crop per call, for the toy recogniser (a small
            CNN) and for a graph with no compute (its time per call is the overhead that batching
-           saves); per-image CPU milliseconds of crop sampling + augmentation + retrieval at the
-           paper's sizes.
-pipeline:  the full training step with data loading and retrieval vs the model-only step
-           (images/s), and the retrieval's share of the step.
-With step and retrieval both run, the last line gives the CPU cores one training device needs for
-its loader: its images/s times the CPU seconds a worker spends per image.
+           saves).
+loader:    a DataLoader worker's CPU milliseconds per image at the paper's sizes (2 x 224 globals,
+           12 x 96 candidates) on one thread: DINO's per-crop pipeline (every candidate augmented
+           with PIL and torchvision, the baseline) vs crops.MultiCrop (crops and parameters only);
+           and the batched augmentation of the kept views (crops.batch_views) on the device, per
+           image and as a share of the model step.
+pipeline:  the toy pretraining as reproduce.sh runs it (ViT-Ti, 64 / 32 px, batch 64, one worker,
+           the toy recogniser), loading + retrieval + augmentation + step, with the baseline's
+           per-crop augmentation in the worker vs the batched one on the device, interleaved:
+           images/s of each and the ratio.
+The last line gives the CPU cores a training device needs for its loader workers, from the
+worker's milliseconds per image, at the measured step rate and at --rate.
 Medians over the timed steps; the first steps are warm-up.
 """
 import argparse
@@ -26,12 +32,14 @@ import tempfile
 import time
 
 import torch
+from PIL import ImageFilter
+from torchvision.transforms import v2
 
 import pretrain
-from crops import MultiCrop, normalize
+from crops import MultiCrop, batch_views, normalize, take, to_tensor
 from data import ArgumentParser, at_least
 from loss import PrototypeLoss, ProjectionHead
-from retrieval import ArcFace, select_batch
+from retrieval import ArcFace
 
 
 def peak_memory_reset(device):
@@ -142,8 +150,6 @@ def embed_rates(face, crops, device):
 
 
 def bench_retrieval(args, device):
-    from PIL import Image
-    import numpy as np
     from torch import nn
     from toyfaces import ToyRecognizer
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,88 +164,143 @@ def bench_retrieval(args, device):
             print(f"retrieval: embed, {name}: {batched:.0f} crops/s batched vs {single:.0f} "
                   f"crops/s one per call ({batched / single:.1f}x; {1000 / single:.2f} ms per "
                   f"call)")
-        # one image as a DataLoader worker sees it: one thread (onnxruntime too)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        face = ArcFace(models["recogniser"], threads=1)
-        mc = MultiCrop(n_candidates=12)
-        img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (218, 178, 3), np.uint8))
-        parts = {"sample": [], "augment": [], "retrieval": []}
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            g, l = mc.sample(img)
-            t1 = time.perf_counter()
-            mc.augment(g, l)
-            t2 = time.perf_counter()
-            select_batch(face.embed(g + l)[None], 2, 8)
-            t3 = time.perf_counter()
-            for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
-                parts[k].append(dt * 1000)
-        torch.set_num_threads(threads)
-        print("per image on one thread, ms (2 x 224 globals, 12 x 96 candidates, 112 recogniser): "
-              "" +
-              ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in parts.items()))
-    # a worker's ms per image
-    return statistics.median(parts["sample"]) + statistics.median(parts["augment"])
 
 
-def bench_pipeline(args, device):
-    """Full step (loader + retrieval + model) vs model-only, on the toy world's MS1M-format
-    images."""
+# ----------------------------------------------------------------------------- the baseline loader
+
+class PILBlur(torch.nn.Module):
+    """DINO's blur: PIL's Gaussian blur, radius ~ U(0.1, 2.0)."""
+
+    def forward(self, img):
+        return img.filter(ImageFilter.GaussianBlur(0.1 + 1.9 * torch.rand(1).item()))
+
+
+class PerCropViews:
+    """The baseline worker: DINO's (and MSN's) pipeline, one PIL / torchvision call chain per crop,
+    every candidate augmented; it ships the raw crops too, for the retrieval."""
+
+    def __init__(self, mc):
+        def recipe(blur, solarize=0.0):
+            return v2.Compose([v2.RandomHorizontalFlip(0.5),
+                               v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                               v2.RandomGrayscale(0.2), v2.RandomApply([PILBlur()], p=blur),
+                               v2.RandomSolarize(128, p=solarize), v2.PILToTensor()])
+        self.mc, self.recipes, self.local_recipe = mc, [recipe(1.0), recipe(0.1, 0.2)], recipe(0.5)
+
+    def __call__(self, img):
+        g, l = self.mc.sample(img)
+        return dict(global_crops=to_tensor(g), local_crops=to_tensor(l),
+                    global_views=torch.stack([self.recipes[i % 2](c) for i, c in enumerate(g)]),
+                    local_views=torch.stack([self.local_recipe(c) for c in l]))
+
+
+# ----------------------------------------------------------------------------- loader, pipeline
+
+def worker_ms(transform, img, steps):
+    """Median CPU milliseconds of transform(img) on one thread."""
+    times = []
+    for _ in range(steps):
+        t = time.process_time()
+        transform(img)
+        times.append((time.process_time() - t) * 1000)
+    return statistics.median(times)
+
+
+def bench_loader(args, device):
+    from PIL import Image
+    import numpy as np
+    mc = MultiCrop(n_candidates=12)
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (218, 178, 3), np.uint8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a DataLoader worker
+    before, after = (worker_ms(t, img, args.steps) for t in (PerCropViews(mc), mc))
+    torch.set_num_threads(threads)
+    print(f"loader: a worker's CPU ms per image (2 x 224 globals, 12 x 96 candidates, one "
+          f"thread): per-crop pipeline {before:.1f}, crops + parameters {after:.1f} "
+          f"({before / after:.1f}x less)")
+    # the kept views of B images, augmented on the device
+    batch = torch.utils.data.default_collate([mc(img) for _ in range(args.batch_size)])
+    batch = pretrain.to_device(batch, device)
+    keep = torch.arange(8, device=device).expand(args.batch_size, 8)
+    local = take(batch["local_crops"], batch["local_params"], keep)
+
+    def views():
+        return batch_views(batch["global_crops"], batch["global_params"]), batch_views(*local)
+    for _ in range(args.warmup):
+        views()
+    t = statistics.median(timed(views, device) for _ in range(args.steps))
+    step = make_step(step_variants()["ours"](), device, args)
+    for _ in range(args.warmup):
+        step()
+    t_step = statistics.median(timed(step, device) for _ in range(args.steps))
+    print(f"loader: batched augmentation on {device.type}, {t / args.batch_size * 1000:.2f} ms "
+          f"per image (2 globals + 8 kept locals) = {t / t_step:.1%} of the model step")
+    return after
+
+
+def toy_pipeline(transform, argv, device):
+    """A toy pretraining set up as reproduce.sh runs it; returns step(), one training step that
+    loads a batch, retrieves, augments (on the device when the worker did not) and trains."""
     import data
-    import toyfaces
-    world = toyfaces.ensure_world(data.data_root(None))
-    argv = ["--data", os.path.join(world, "ms1m"), "--arch", "vit_small", "--batch-size",
-            str(args.batch_size),
-            "--workers", str(args.workers), "--arcface", os.path.join(world, "arcface.onnx")]
     pa = pretrain.get_args(argv)
     model, teacher = pretrain.build_models(pa)
     model.to(device)
     teacher.to(device)
     opt = torch.optim.AdamW(pretrain.param_groups(model))
-    views = pretrain.Views(data.pretrain_dataset(pa.data), MultiCrop(n_candidates=pa.n_candidates),
-                           0)
-    arcface = ArcFace(pa.arcface)
+    mc = MultiCrop(pa.global_size, pa.local_size, pa.n_global, pa.n_local, pa.n_candidates)
+    views = pretrain.Views(data.pretrain_dataset(pa.data), transform(mc), 0)
     loader = iter(pretrain.epoch_loader(views, pa, epoch=0, pin=device.type == "cuda"))
-    full, model_only, retrieval = [], [], []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        batch, _ = next(loader)
-        t1 = time.perf_counter()
-        local, _ = pretrain.select_local_views(batch, arcface, pa,
-                                               torch.Generator().manual_seed(i), device)
-        t2 = time.perf_counter()
-        g, l = normalize(batch["global_views"].to(device)), normalize(local.to(device))
-        at = dict(lr=1e-4, weight_decay=0.04, momentum=0.996)
+    arcface = ArcFace(pa.arcface)
+    at = dict(lr=1e-4, weight_decay=0.04, momentum=0.996)
+    generator = torch.Generator().manual_seed(0)
 
-        def step():
-            return pretrain.training_step(model, teacher, opt, g, l, at=at, clip_grad=3.0,
-                                          bf16=args.bf16)
-        step_time = timed(step, device)
-        if i >= args.warmup:
-            full.append(time.perf_counter() - t0)
-            model_only.append(step_time)
-            retrieval.append(t2 - t1)
-    B = args.batch_size
-    print(f"pipeline: full step {B / statistics.median(full):.2f} images/s, model-only "
-          f"{B / statistics.median(model_only):.2f} images/s; retrieval "
-          f"{statistics.median(retrieval) * 1000:.0f} ms = "
-          f"{statistics.median(retrieval) / statistics.median(full):.1%} of the step "
-          f"({args.workers} loader workers)")
+    def step():
+        batch = pretrain.to_device(next(loader)[0], device)
+        keep, _ = pretrain.retrieve(batch, arcface, pa, generator)
+        if "global_views" in batch:  # the baseline: augmented in the worker
+            g = normalize(batch["global_views"])
+            l = normalize(take(batch["local_views"], {}, keep)[0])
+        else:
+            g = batch_views(batch["global_crops"], batch["global_params"])
+            l = batch_views(*take(batch["local_crops"], batch["local_params"], keep))
+        pretrain.training_step(model, teacher, opt, g, l, at=at, clip_grad=3.0, bf16=False)
+    return step
+
+
+def bench_pipeline(args, device):
+    import data
+    import toyfaces
+    world = toyfaces.ensure_world(data.data_root(None))
+    argv = ["--data", os.path.join(world, "ms1m"), "--arch", "vit_tiny", "--batch-size", "64",
+            "--global-size", "64", "--local-size", "32", "--workers", "1",
+            "--arcface", os.path.join(world, "arcface.onnx")]
+    steps = {"per-crop pipeline": toy_pipeline(PerCropViews, argv, device),
+             "batched on the device": toy_pipeline(lambda mc: mc, argv, device)}
+    times = {k: [] for k in steps}
+    for i in range(args.warmup + args.steps):  # interleaved, so both see the same machine state
+        for name, step in steps.items():
+            dt = timed(step, device)
+            if i >= args.warmup:
+                times[name].append(dt)
+    rate = {k: 64 / statistics.median(v) for k, v in times.items()}
+    (a, ra), (b, rb) = rate.items()
+    print(f"pipeline: toy pretraining as reproduce.sh runs it, {a} {ra:.1f} images/s, {b} "
+          f"{rb:.1f} images/s ({rb / ra:.2f}x)")
 
 
 def main():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--only", choices=["step", "retrieval", "pipeline"], default=None, help="one "
-                   "section (default: all)")
+    p.add_argument("--only", choices=["step", "retrieval", "loader", "pipeline"], default=None,
+                   help="one section (default: all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA "
                    "if there is one")
     p.add_argument("--batch-size", type=at_least(1), default=None, help="images per training step "
                    "(default: 64 on CUDA, §3.3's per-GPU batch; 4 on a CPU)")
     p.add_argument("--steps", type=at_least(1), default=7, help="timed steps (median)")
     p.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first")
-    p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader processes in the "
-                   "pipeline section")
+    p.add_argument("--rate", type=at_least(1), default=4500, help="images/s of a training "
+                   "device to size the loader for (an H100 at a quarter of its dense bf16 peak on "
+                   "ViT-S/16's 55 GFLOP per ProS image)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 "
                    "autocast in the training steps (default: on CUDA only)")
     p.add_argument("--arcface", default=None, help="an ONNX recogniser for the retrieval section "
@@ -255,13 +316,15 @@ def main():
           f"{args.bf16}, batch {args.batch_size}")
     out = {}
     for name, fn in (("step", bench_step), ("retrieval", bench_retrieval),
-                     ("pipeline", bench_pipeline)):
+                     ("loader", bench_loader), ("pipeline", bench_pipeline)):
         if args.only in (None, name):
             out[name] = fn(args, device)
-    if out.get("step") and out.get("retrieval"):
-        print(f"loader: {out['retrieval']:.1f} CPU ms per image x {out['step']:.1f} images/s = "
-              f"{out['step'] * out['retrieval'] / 1000:.1f} CPU cores per {device.type} device "
-              f"for its workers")
+    if out.get("loader"):
+        ms = out["loader"]
+        measured = f"{out['step']:.1f} images/s here: {out['step'] * ms / 1000:.2f}; " \
+            if out.get("step") else ""
+        print(f"loader: {ms:.1f} CPU ms per image -> CPU cores per device for its workers at "
+              f"{measured}{args.rate} images/s: {args.rate * ms / 1000:.1f}")
 
 
 if __name__ == "__main__":

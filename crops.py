@@ -5,64 +5,67 @@ augmentations.
 
 The teacher sees the M global views (224px), the student the N local views (96px). With the
 face-aware retrieval (retrieval.py) we cut C >= N local candidates and keep N of them per image in
-the training step; the recogniser looks at the raw crops (before augmentation), which `__call__`
-also returns at 112x112. The augmentations are DINO's (flip, colour jitter, grayscale, Gaussian
-blur, solarize), built with torchvision.transforms.v2. Views leave the DataLoader workers as uint8
-and are normalised on the training device, a whole batch at once (`normalize`): a quarter of the
-bytes to pass between processes and to the GPU, and no per-view float work in the workers.
+the training step. The paper's order is crop, retrieve, augment, and the work splits the same way:
+
+- a DataLoader worker, per image (`MultiCrop.__call__`): decode, cut the raw crops (uint8) and draw
+  every view's augmentation parameters from the sample's seeded RNG (`draw`);
+- the training step, per batch on the training device: the recogniser looks at the raw crops, the
+  kept views are augmented (`augment`, DINO's recipe as batched tensor operations, one short
+  function per operation) and normalised (`normalize`).
+
+A worker thus does no per-pixel float work, and the views do not depend on --workers or resuming:
+all randomness is drawn in the worker from (seed, sample index).
 """
+import math
+
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from data import ArgumentParser, at_least, load_image, to_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class GaussianBlur(torch.nn.Module):
-    """DINO's blur: PIL's Gaussian blur with radius ~ U(0.1, 2.0), applied with probability p.
-    (PIL's blur costs a fraction of a 23-tap convolution on a tensor.)"""
+# ----------------------------------------------------------------------------- per image (workers)
 
-    def __init__(self, p, radius=(0.1, 2.0)):
-        super().__init__()
-        self.p, self.radius = p, radius
+def cycle(values, n):
+    """(n,) tensor: values repeated over n views."""
+    return torch.tensor(values).repeat(n // len(values) + 1)[:n]
 
-    def forward(self, img):
-        if torch.rand(1).item() >= self.p:
-            return img
-        lo, hi = self.radius
-        return img.filter(ImageFilter.GaussianBlur(lo + (hi - lo) * torch.rand(1).item()))
+
+def to_tensor(crops):
+    """PIL crops of one size -> (n, 3, H, W) uint8."""
+    return torch.stack([TF.pil_to_tensor(c) for c in crops])
 
 
 class MultiCrop:
+    """DINO's multi-crop recipe (flip, colour jitter, grayscale, blur, solarize) with its
+    probabilities; blur_p is (first global, second global, local) and solarize hits the second
+    global view only."""
+
     def __init__(self, global_size=224, local_size=96, n_global=2, n_local=8, n_candidates=None,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), recognizer_size=112, flip_p=0.5,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), flip_p=0.5,
                  jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=(1.0, 0.1, 0.5),
-                 solarize_p=0.2):
+                 solarize_p=0.2, sigma=(0.1, 2.0)):
         self.global_size, self.local_size, self.n_global = global_size, local_size, n_global
         # C >= N candidates; C == N when nothing is filtered
         self.n_candidates = n_candidates or n_local
         if self.n_candidates < n_local:
             raise ValueError(f"n_candidates ({self.n_candidates}) must be >= n_local ({n_local})")
         self.global_scale, self.local_scale = global_scale, local_scale
-        # side of the raw crops; None: no recogniser, no raw crops
-        self.recognizer_size = recognizer_size
-
-        # one of DINO's view recipes, on PIL images; blur and solarize differ
-        def views(blur, solarize=0.0):
-            return v2.Compose([
-                v2.RandomHorizontalFlip(flip_p),
-                v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p),
-                v2.RandomGrayscale(gray_p),
-                GaussianBlur(blur),
-                v2.RandomSolarize(128, p=solarize),
-                v2.PILToTensor(),
-            ])
+        self.flip_p, self.jitter_p, self.gray_p, self.sigma = flip_p, jitter_p, gray_p, sigma
+        # ColorJitter's ranges: brightness, contrast, saturation around 1, hue around 0
+        b, c, s, h = jitter
+        self.jitter_lo = torch.tensor([1 - b, 1 - c, 1 - s, -h])
+        self.jitter_hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
         # Two separate sets of augmentations (§1): the first global view always blurred, the second
         # rarely blurred but sometimes solarised, the locals blurred half of the time (DINO).
-        self.global_views = [views(blur_p[0]), views(blur_p[1], solarize_p)]
-        self.local_view = views(blur_p[2])
+        self.global_blur_p = [blur_p[i % 2] for i in range(n_global)]
+        self.global_solarize_p = [solarize_p * (i % 2) for i in range(n_global)]
+        self.local_blur_p, self.local_solarize_p = [blur_p[2]], [0.0]
 
     def boxes(self, img, n, scale):
         """n random-resized-crop boxes (top, left, height, width) over `img`."""
@@ -79,31 +82,181 @@ class MultiCrop:
         l = self.boxes(img, self.n_candidates, self.local_scale)
         return self.cut(img, g, self.global_size), self.cut(img, l, self.local_size)
 
-    def augment(self, global_crops, local_crops):
-        """Raw crops -> augmented views: (M, 3, G, G) and (C, 3, L, L) uint8 tensors."""
-        g = [self.global_views[i % len(self.global_views)](c) for i, c in enumerate(global_crops)]
-        return torch.stack(g), torch.stack([self.local_view(c) for c in local_crops])
+    def draw(self, n, blur_p, solarize_p):
+        """The augmentation parameters of n views, one row each; blur_p and solarize_p cycle over
+        the views. flip, jitter, gray, solarize: (n,) bool; factors: (n, 4) brightness, contrast,
+        saturation, hue; order: (n, 4) the order of the four (ColorJitter's random order); sigma:
+        (n,) blur's standard deviation, 0 for no blur."""
+        coin = torch.rand(n, 5)
+        lo, hi = self.jitter_lo, self.jitter_hi
+        blurred = coin[:, 3] < cycle(blur_p, n)
+        lo_s, hi_s = self.sigma
+        return dict(flip=coin[:, 0] < self.flip_p, jitter=coin[:, 1] < self.jitter_p,
+                    factors=lo + (hi - lo) * torch.rand(n, 4), order=torch.rand(n, 4).argsort(1),
+                    gray=coin[:, 2] < self.gray_p,
+                    sigma=torch.where(blurred, lo_s + (hi_s - lo_s) * torch.rand(n), 0.0),
+                    solarize=coin[:, 4] < cycle(solarize_p, n))
 
     def __call__(self, img):
-        """A DataLoader worker's output for one image, all uint8: augmented global views (M, 3, G,
-        G), augmented views of all C candidates (C, 3, L, L) and, when there is a recogniser
-        (recognizer_size), the raw crops it looks at, (M + C, 3, 112, 112) (the selection happens
-        per batch in the training step)."""
+        """A DataLoader worker's output for one image: the raw crops as uint8, global (M, 3, G, G)
+        and local candidates (C, 3, L, L), and the parameters that `augment` applies to each."""
         global_crops, local_crops = self.sample(img)
-        g, l = self.augment(global_crops, local_crops)
-        views = dict(global_views=g, local_views=l)
-        if self.recognizer_size:
-            size = (self.recognizer_size, self.recognizer_size)
-            views["raw"] = torch.stack([v2.functional.pil_to_tensor(c.resize(size, Image.BILINEAR))
-                                        for c in global_crops + local_crops])
-        return views
+        return dict(global_crops=to_tensor(global_crops), local_crops=to_tensor(local_crops),
+                    global_params=self.draw(self.n_global, self.global_blur_p,
+                                            self.global_solarize_p),
+                    local_params=self.draw(self.n_candidates, self.local_blur_p,
+                                           self.local_solarize_p))
+
+
+# ----------------------------------------------------------------------------- per batch (device)
+# Each operation takes float views (V, 3, H, W) in [0, 1] and a per-view mask or parameter, and
+# equals torchvision's per-image functional with that view's parameters (test_all.py, TestCrops).
+
+def masked(x, on, fn, *params):
+    """fn on the views where `on` holds, with their rows of `params`; the others untouched."""
+    if on.any():
+        x[on] = fn(x[on], *(p[on] for p in params))
+    return x
+
+
+def flip(x, on):
+    """DINO: RandomHorizontalFlip(0.5)."""
+    return masked(x, on, TF.horizontal_flip)
+
+
+def blend(x, y, factor):
+    """torchvision's blend with one factor per view: factor * x + (1 - factor) * y, in [0, 1]."""
+    f = factor[:, None, None, None]
+    return (f * x + (1 - f) * y).clamp_(0, 1)
+
+
+def gray(x):
+    """ITU-R 601 luma (torchvision's rgb_to_grayscale), (V, 1, H, W)."""
+    return TF.rgb_to_grayscale(x)
+
+
+def brightness(x, f):
+    return blend(x, torch.zeros_like(x), f)
+
+
+def contrast(x, f):
+    return blend(x, gray(x).mean((-3, -2, -1), keepdim=True), f)
+
+
+def saturation(x, f):
+    return blend(x, gray(x), f)
+
+
+def rgb_to_hsv(x):
+    """(V, 3, H, W) RGB -> HSV, all in [0, 1] (torchvision's and PIL's formulas)."""
+    r, g, b = x.unbind(-3)
+    maxc, minc = x.amax(-3), x.amin(-3)
+    delta = maxc - minc
+    s = delta / torch.where(maxc > 0, maxc, 1.0)
+    rc, gc, bc = ((maxc[:, None] - x) / torch.where(delta > 0, delta, 1.0)[:, None]).unbind(-3)
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
+    return torch.stack([(h / 6 + 1).fmod(1), s, maxc], -3)
+
+
+def hsv_to_rgb(x):
+    h, s, v = x.unbind(-3)
+    i = (h * 6).floor()
+    f = h * 6 - i
+    p, q, t = ((v * (1 - s * w)).clamp(0, 1) for w in (torch.ones_like(f), f, 1 - f))
+    # the sextant i picks each channel from (v, p, q, t)
+    table = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]],
+                         device=x.device)
+    pick = table[:, i.long() % 6].movedim(0, 1)  # (V, 3, H, W)
+    return torch.stack([v, p, q, t], -3).gather(-3, pick)
+
+
+def hue(x, f):
+    """Rotate the hue by f (a fraction of the circle) per view."""
+    h, s, v = rgb_to_hsv(x).unbind(-3)
+    return hsv_to_rgb(torch.stack([(h + f[:, None, None]).remainder(1), s, v], -3))
+
+
+JITTER = (brightness, contrast, saturation, hue)  # ColorJitter's order of its factors
+
+
+def color_jitter(x, on, factors, order):
+    """DINO: RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), its four adjustments in a
+    random order per view: at step k, view v applies JITTER[order[v, k]]."""
+    for k in range(4):
+        for j, fn in enumerate(JITTER):
+            x = masked(x, on & (order[:, k] == j), fn, factors[:, j])
+    return x
+
+
+def grayscale(x, on):
+    """DINO: RandomGrayscale(0.2), three equal channels."""
+    return masked(x, on, lambda v: gray(v).expand_as(v))
+
+
+def gaussian_kernels(sigma, half):
+    """(V, 2 * half + 1) normalised 1-D Gaussians, one per view (torchvision's kernel)."""
+    d = torch.arange(-half, half + 1, device=sigma.device, dtype=torch.float32)
+    return torch.softmax(-0.5 * (d / sigma[:, None]) ** 2, dim=1)
+
+
+def blur_views(x, sigma):
+    """A Gaussian blur with each view's sigma: two separable passes, reflect padding."""
+    V, C, H, W = x.shape
+    # taps out to 3 sigma, as PIL; at most the image's side (reflect padding needs that)
+    half = min(math.ceil(3 * sigma.max().item()), H - 1, W - 1)
+    k = gaussian_kernels(sigma, half).repeat_interleave(C, 0)  # (V * C, 2 * half + 1)
+    y = F.pad(x.reshape(1, V * C, H, W), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=V * C)  # rows
+    y = F.conv2d(y, k[:, None, :, None], groups=V * C)  # columns
+    return y.view(V, C, H, W)
+
+
+def gaussian_blur(x, sigma):
+    """DINO: PIL's GaussianBlur with radius (its standard deviation) ~ U(0.1, 2.0), with the
+    recipe's probability; sigma 0: no blur."""
+    return masked(x, sigma > 0, blur_views, sigma)
+
+
+def invert_bright(x):
+    """Solarize at 128 of 255: levels 128 and up inverted (127.5 sits between two levels)."""
+    return TF.solarize(x, 127.5 / 255)
+
+
+def solarize(x, on):
+    """DINO: RandomSolarize(128) with probability 0.2, on the second global view only."""
+    return masked(x, on, invert_bright)
+
+
+def augment(crops, params):
+    """uint8 crops (V, 3, H, W) and their drawn parameters -> augmented float views in [0, 1]:
+    DINO's recipe in its order (flip, colour jitter, grayscale, blur, solarize)."""
+    x = TF.to_dtype(crops, torch.float32, scale=True)
+    x = flip(x, params["flip"])
+    x = color_jitter(x, params["jitter"], params["factors"], params["order"])
+    x = grayscale(x, params["gray"])
+    x = gaussian_blur(x, params["sigma"])
+    return solarize(x, params["solarize"])
 
 
 def normalize(views):
-    """uint8 views (..., 3, H, W) -> float32 in [0, 1], then ImageNet mean/std: the same arithmetic
+    """uint8 views (..., 3, H, W), or float ones in [0, 1] -> ImageNet mean/std: the same arithmetic
     as torchvision's ToDtype(scale=True) + Normalize per view, done once for the whole batch."""
-    x = v2.functional.to_dtype(views, torch.float32, scale=True)
-    return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    x = TF.to_dtype(views, torch.float32, scale=True)
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def batch_views(crops, params):
+    """A batch's crops (B, V, 3, H, W) uint8 and parameters (B, V, ...) -> normalised float views
+    (B, V, 3, H, W), augmented where they are (the training device), the whole batch at once."""
+    B, V = crops.shape[:2]
+    x = augment(crops.flatten(0, 1), {k: p.flatten(0, 1) for k, p in params.items()})
+    return normalize(x).view(B, V, *x.shape[1:])
+
+
+def take(crops, params, idx):
+    """Views idx (B, N) of each image: the crops (B, N, ...) and their parameters."""
+    rows = torch.arange(len(idx), device=idx.device)[:, None]
+    return crops[rows, idx], {k: p[rows, idx] for k, p in params.items()}
 
 
 def contact_sheet(rows, tile=96, pad=4, boxes=None, captions=None):
@@ -139,9 +292,10 @@ def main():
     if img is None:
         raise SystemExit(f"error: {a.image}: not a readable image")
     torch.manual_seed(a.seed)
-    views = MultiCrop(a.global_size, a.local_size, n_local=a.n_local, recognizer_size=None)(img)
-    g, l = ([v2.functional.to_pil_image(v) for v in views[k]]
-            for k in ("global_views", "local_views"))
+    # the training step's views: the worker's crops and parameters, augmented as a batch of one
+    views = MultiCrop(a.global_size, a.local_size, n_local=a.n_local)(img)
+    g, l = ([TF.to_pil_image(v) for v in augment(views[f"{k}_crops"], views[f"{k}_params"])]
+            for k in ("global", "local"))
     contact_sheet([g, l], tile=128).save(a.out)
     print(f"wrote {a.out}: {len(g)} global views on top, {len(l)} local views below")
 

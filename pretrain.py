@@ -9,7 +9,9 @@ prototypes.
 Per image, M global views go to the teacher and N local views to the student (§1, Fig. 2). With
 --arcface, C candidate local crops are cut and the face-aware retrieval keeps N of them in the
 training step, one recogniser call for the whole batch (an ArcFace R50 on an image's 14 crops costs
-more than its ViT-S step: in CPU workers it would starve the GPUs).
+more than its ViT-S step: in CPU workers it would starve the GPUs). The workers only cut the raw
+crops and draw their augmentation parameters; the kept views are augmented in the training step, a
+batch at once on the training device (crops.py), so a GPU needs few CPU cores to feed it.
 Run the same command again with the same --out and it resumes from the last checkpoint; one made
 with other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finishes the step (under
 torchrun: trains on to the next logging step, where the processes agree), saves and exits; a
@@ -34,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from crops import MultiCrop, normalize
+from crops import MultiCrop, batch_views, take
 from data import (ArgumentParser, above, at_least, check_settings, data_root, fraction,
                   ignore_stop_signals, is_rank_zero, item_name, patch_multiple, pretrain_dataset,
                   random_subset, run_cli, write_lines)
@@ -400,19 +402,25 @@ def param_groups(model):
     return [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def select_local_views(batch, arcface, args, generator, device):
-    """Face-aware retrieval for a batch: one recogniser call on all raw crops (on the GPU when
-    there is one), keep N of C candidates. Returns the uint8 local views (B, N, 3, L, L) and the
-    selection counts."""
-    local = batch["local_views"]
+def to_device(batch, device):
+    """The batch's tensors, nested dicts too, on `device` (from pinned memory: asynchronously)."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def retrieve(batch, arcface, args, generator):
+    """Face-aware retrieval for a batch, on the raw crops (before any augmentation, §3): one
+    recogniser call for the global crops and one for the candidates, where the batch is (the GPU
+    when there is one). Returns the indices (B, N) of the kept candidates, on the batch's device,
+    and the selection counts; without a recogniser, C == N and all are kept."""
+    crops = batch["local_crops"]
+    B, M, C = len(crops), batch["global_crops"].shape[1], crops.shape[1]
     if arcface is None:
-        return local, {}
-    B, n_raw = batch["raw"].shape[:2]
-    # (B * (M + C), 3, 112, 112) uint8
-    raw = batch["raw"].to(device, non_blocking=True).flatten(0, 1)
-    emb = arcface.embed(raw).view(B, n_raw, -1).cpu()  # (B, M + C, D)
-    idx, stats = select_batch(emb, args.n_global, args.n_local, args.face_threshold, generator)
-    return local[torch.arange(B)[:, None], idx], stats
+        return torch.arange(C, device=crops.device).expand(B, C), {}
+    emb = torch.cat([arcface.embed(batch[k].flatten(0, 1)).view(B, n, -1).cpu()
+                     for k, n in (("global_crops", M), ("local_crops", C))], 1)  # (B, M + C, D)
+    idx, stats = select_batch(emb, M, args.n_local, args.face_threshold, generator)
+    return idx.to(crops.device), stats
 
 
 def training_step(model, teacher, optimizer, global_views, local_views, *, at, clip_grad, bf16):
@@ -522,8 +530,7 @@ def train(args, stop):
     elif rank == 0:
         print("no --arcface: local crops are uncurated (no face-aware retrieval)")
     multicrop = MultiCrop(args.global_size, args.local_size, args.n_global, args.n_local,
-                          args.n_candidates if arcface else args.n_local, recognizer_size=112
-                          if arcface else None)
+                          args.n_candidates if arcface else args.n_local)
     views = Views(images, multicrop, args.seed)
 
     model, teacher = build_models(args)
@@ -592,10 +599,13 @@ def train(args, stop):
                 raise ValueError(f"{args.data}: all {len(names)} images of a batch were "
                                  f"unreadable, e.g. {names[0]}")
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            local_views, rstats = select_local_views(batch, arcface, args, generator, device)
+            batch = to_device(batch, device)
+            keep, rstats = retrieve(batch, arcface, args, generator)
+            local_crops, local_params = take(batch["local_crops"], batch["local_params"], keep)
             now = at(step)
-            global_views, local_views = (normalize(v.to(device, non_blocking=True))
-                                         for v in (batch["global_views"], local_views))
+            # crop, retrieve, augment (§3): the kept views are augmented here, on the device
+            global_views = batch_views(batch["global_crops"], batch["global_params"])
+            local_views = batch_views(local_crops, local_params)
             stats = training_step(ddp, teacher, optimizer, global_views, local_views, at=now,
                                   clip_grad=args.clip_grad, bf16=args.bf16)
             step += 1

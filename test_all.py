@@ -593,20 +593,131 @@ class TestCrops:
         mc = MultiCrop(64, 32, n_global=2, n_local=3, n_candidates=5)
         torch.manual_seed(1)
         v = mc(img)
-        assert v["global_views"].shape == (2, 3, 64,
-                                           64) and v["local_views"].shape == (5, 3, 32, 32)
-        assert v["raw"].shape == (7, 3, 112, 112)
-        # views are normalised on the device (normalize)
-        assert all(x.dtype == torch.uint8 for x in v.values())
+        # a worker ships raw uint8 crops and per-view parameters, nothing augmented
+        assert v["global_crops"].shape == (2, 3, 64, 64)
+        assert v["local_crops"].shape == (5, 3, 32, 32)
+        assert v["global_crops"].dtype == v["local_crops"].dtype == torch.uint8
+        assert v["global_params"]["factors"].shape == (2, 4)
+        assert v["local_params"]["order"].shape == (5, 4)
         torch.manual_seed(1)
-        v2 = mc(img)
-        assert all(torch.equal(v[k], v2[k]) for k in v)
+        w = mc(img)
+        for k in ("global_crops", "local_crops"):
+            assert torch.equal(v[k], w[k])
+        for k in ("global_params", "local_params"):
+            assert all(torch.equal(v[k][p], w[k][p]) for p in v[k])
         gc, lc = mc.sample(img)
         assert [c.size for c in gc] == [(64, 64)] * 2 and len(lc) == 5
-        # no recogniser
-        assert set(MultiCrop(64, 32, recognizer_size=None)(img)) == {"global_views", "local_views"}
         with pytest.raises(ValueError):
             MultiCrop(n_local=8, n_candidates=4)
+
+    @staticmethod
+    def _views_and_params(n=12, seed=0):
+        from crops import MultiCrop
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 256, (n, 3, 20, 24), dtype=torch.uint8, generator=g)
+        torch.manual_seed(seed)
+        # blur and solarize on every other view, so both branches are exercised
+        params = MultiCrop().draw(n, [1.0, 0.0], [0.0, 1.0])
+        return x, params
+
+    def test_each_batched_operation_equals_torchvision_per_image(self):
+        """Each batched operation with per-view parameters = torchvision's functional on that view
+        alone with its parameters: to float rounding on float views, and within 1.5 levels of
+        torchvision on uint8 views (which truncates after each operation and, in contrast and
+        saturation, floors the luma it blends with: up to 1 + 0.4 levels)."""
+        import math
+        from torchvision.transforms.v2 import functional as TF
+        import crops
+        u8, p = self._views_and_params()
+        x = u8.float() / 255
+        n = len(x)
+        f = p["factors"]
+        per_view = {
+            "brightness": (crops.brightness, lambda v, i: TF.adjust_brightness(v, f[i, 0].item())),
+            "contrast": (crops.contrast, lambda v, i: TF.adjust_contrast(v, f[i, 1].item())),
+            "saturation": (crops.saturation, lambda v, i: TF.adjust_saturation(v, f[i, 2].item())),
+            "hue": (crops.hue, lambda v, i: TF.adjust_hue(v, f[i, 3].item())),
+        }
+        for name, (batched, single) in per_view.items():
+            out = batched(x.clone(), f[:, list(per_view).index(name)])
+            ref = torch.stack([single(x[i], i) for i in range(n)])
+            assert torch.allclose(out, ref, atol=1e-5), name
+            ref8 = torch.stack([single(u8[i], i) for i in range(n)]).float()
+            assert (out * 255 - ref8).abs().max() <= 1.5, name
+        masks = {"flip": (crops.flip, TF.horizontal_flip),
+                 "grayscale": (crops.grayscale,
+                               lambda v: TF.rgb_to_grayscale(v, num_output_channels=3)),
+                 "solarize": (crops.solarize, lambda v: TF.solarize(v, 128))}
+        on = torch.arange(n) % 3 == 0
+        for name, (batched, single) in masks.items():
+            out = batched(x.clone(), on)
+            ref8 = torch.stack([single(u8[i]) if on[i] else u8[i] for i in range(n)]).float()
+            assert (out * 255 - ref8).abs().max() <= 1.0 + 1e-3, name
+            if name != "solarize":  # solarize's threshold is a uint8 level
+                ref = torch.stack([single(x[i]) if on[i] else x[i] for i in range(n)])
+                assert torch.allclose(out, ref, atol=1e-6), name
+        sigma = p["sigma"]
+        size = 2 * math.ceil(3 * sigma.max().item()) + 1
+        out = crops.gaussian_blur(x.clone(), sigma)
+        ref = torch.stack([TF.gaussian_blur(x[i], [size, size], [sigma[i].item()] * 2)
+                           if sigma[i] > 0 else x[i] for i in range(n)])
+        assert torch.allclose(out, ref, atol=1e-5) and not torch.equal(out, x)
+
+    def test_augment_equals_the_per_image_chain(self):
+        """The whole recipe on a batch = torchvision's functionals chained per view in DINO's order
+        (flip, jitter in the view's order, grayscale, blur, solarize)."""
+        import math
+        from torchvision.transforms.v2 import functional as TF
+        import crops
+        u8, p = self._views_and_params(n=16, seed=3)
+        jitter = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+        size = 2 * math.ceil(3 * p["sigma"].max().item()) + 1
+        expected = []
+        for i, v in enumerate(u8.float() / 255):
+            if p["flip"][i]:
+                v = TF.horizontal_flip(v)
+            if p["jitter"][i]:
+                for j in p["order"][i].tolist():
+                    v = jitter[j](v, p["factors"][i, j].item())
+            if p["gray"][i]:
+                v = TF.rgb_to_grayscale(v, num_output_channels=3)
+            if p["sigma"][i] > 0:
+                v = TF.gaussian_blur(v, [size, size], [p["sigma"][i].item()] * 2)
+            if p["solarize"][i]:
+                v = torch.where(v * 255 >= 127.5, 1 - v, v)
+            expected.append(v)
+        assert torch.allclose(crops.augment(u8, p), torch.stack(expected), atol=1e-5)
+
+    def test_drawn_parameters_follow_dino(self):
+        """Frequencies within a binomial 99% interval over thousands of draws: flip 0.5, jitter
+        0.8, grayscale 0.2, blur 1.0 / 0.1 / 0.5 (first global, second global, local), solarize
+        0.2 on the second global only; factors in ColorJitter's ranges, orders permutations,
+        sigma in [0.1, 2]."""
+        from crops import MultiCrop
+        mc = MultiCrop(n_global=2)
+        torch.manual_seed(0)
+        n = 4000
+        g = mc.draw(2 * n, mc.global_blur_p, mc.global_solarize_p)
+        loc = mc.draw(n, mc.local_blur_p, mc.local_solarize_p)
+
+        def rate_ok(mask, p):
+            half = 2.576 * math.sqrt(p * (1 - p) / len(mask)) + 1e-9
+            return abs(mask.float().mean().item() - p) <= half
+        first, second = (lambda k: g[k][0::2]), (lambda k: g[k][1::2])
+        for k, p in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2)):
+            assert rate_ok(loc[k], p) and rate_ok(g[k], p), k
+        assert rate_ok(first("sigma") > 0, 1.0) and rate_ok(second("sigma") > 0, 0.1)
+        assert rate_ok(loc["sigma"] > 0, 0.5)
+        assert rate_ok(second("solarize"), 0.2)
+        assert not first("solarize").any() and not loc["solarize"].any()
+        lo, hi = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
+        f = torch.cat([g["factors"], loc["factors"]])
+        assert ((f >= lo) & (f <= hi)).all() and (f.std(0) > 0.5 * (hi - lo) / 4).all()
+        orders = torch.cat([g["order"], loc["order"]])
+        assert torch.equal(orders.sort(1).values, torch.arange(4).expand_as(orders))
+        assert all(rate_ok(orders[:, 0] == j, 0.25) for j in range(4))
+        s = torch.cat([g["sigma"], loc["sigma"]])
+        assert ((s == 0) | ((s >= 0.1) & (s <= 2.0))).all()
 
     def test_normalize_equals_torchvision_per_view_and_dino_recipe(self):
         """The batch normalisation on the device = torchvision's ToDtype(scale) + Normalize on each
@@ -635,10 +746,10 @@ class TestCrops:
                "tiny": Image.new("RGB", (3, 2), (200, 10, 10)),
                "CMYK": Image.new("CMYK", (40, 40))}[mode]
         v = MultiCrop(32, 16, n_local=2)(img)
-        assert v["global_views"].shape == (2, 3, 32,
-                                           32) and v["local_views"].shape == (2, 3, 16, 16)
+        assert v["global_crops"].shape == (2, 3, 32, 32)
+        assert v["local_crops"].shape == (2, 3, 16, 16)
         if mode == "I;16":  # 16-bit is scaled to 8 bits, not clipped to white
-            assert v["raw"].float().mean() < 200
+            assert v["global_crops"].float().mean() < 200
 
     def test_to_rgb_scales_16_bit(self):
         from data import to_rgb
@@ -915,7 +1026,7 @@ class TestData:
         from crops import MultiCrop
         views = pretrain.Views(ds, MultiCrop(32, 16, n_local=2), seed=0)
         batch, names = pretrain.collate([views[0], views[1]])
-        assert names == [str(folder / "b.jpg")] and batch["global_views"].shape[0] == 1
+        assert names == [str(folder / "b.jpg")] and batch["global_crops"].shape[0] == 1
 
     @pytest.mark.slow
     def test_missing_dataset_is_one_line_error(self, tmp_path):
@@ -2294,7 +2405,8 @@ class TestGPU:
         args = _tiny_pretrain_args(image_folder, "unused", "--workers", "1")
         views = pretrain.Views(data.ImageFolder(image_folder), MultiCrop(32, 16, n_local=2), 0)
         batch, _ = next(iter(pretrain.epoch_loader(views, args, 0, pin=True)))
-        assert batch["global_views"].is_pinned() and batch["local_views"].is_pinned()
+        assert batch["global_crops"].is_pinned() and batch["local_crops"].is_pinned()
+        assert batch["local_params"]["factors"].is_pinned()
 
     @pytest.mark.gpu
     @gpu
