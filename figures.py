@@ -206,14 +206,18 @@ def curves(args):
 
 # ----------------------------------------------------------------------------- the results table
 
-TASKS = {"attr": ("test/mean_accuracy", "attributes, mean accuracy %"),
-         "expr": ("test/mean_class_accuracy", "expressions, mean class accuracy %"),
-         "align": ("test/nme", "landmarks, NME % (lower is better)")}
+# task: (its metric, the row's label, the metric's baseline: no learning at all)
+TASKS = {"attr": ("test/mean_accuracy", "attributes, mean accuracy %",
+                  "test/majority_accuracy"),
+         "expr": ("test/mean_class_accuracy", "expressions, mean class accuracy %",
+                  "test/chance_mean_class_accuracy"),
+         "align": ("test/nme", "landmarks, NME % (lower is better)", "test/nme_mean_shape")}
 
 
 def table(args):
     """A markdown table from <dir>/<task>-<init>-<frac>/results.json: mean (std) of each task's
-    metric over the runs, one row per task and label fraction, one column per initialisation."""
+    metric over the runs, one row per task and label fraction, one column per initialisation, and
+    the baseline (majority per attribute, chance, one mean shape)."""
     found = {}
     for name in sorted(os.listdir(args.dir)):
         path = os.path.join(args.dir, name, "results.json")
@@ -227,18 +231,19 @@ def table(args):
     if not found:
         raise FileNotFoundError(f"{args.dir}: no <task>-<init>-<frac>/results.json")
     inits = [i for i in args.inits if any(k[1] == i for k in found)]
-    lines = ["| task | labels | train images | " + " | ".join(inits) + " |",
-             "|---" * (3 + len(inits)) + "|"]
+    lines = ["| task | labels | train images | " + " | ".join(inits) + " | baseline |",
+             "|---" * (4 + len(inits)) + "|"]
     for task, frac in sorted({(t, f) for t, _, f in found},
                              key=lambda k: (list(TASKS).index(k[0]), k[1])):
-        metric, label = TASKS[task]
+        metric, label, baseline = TASKS[task]
         cells = []
         for init in inits:
             r = found.get((task, init, frac))
             cells.append(f"{r['mean'][metric]:.2f} ({r['std'][metric]:.2f}, {len(r['runs'])} runs)"
                          if r else "")
-        n = next(r["n_train"] for (t, _, f), r in found.items() if (t, f) == (task, frac))
-        lines.append(f"| {label} | {frac:.0%} | {n} | " + " | ".join(cells) + " |")
+        r = next(r for (t, _, f), r in found.items() if (t, f) == (task, frac))
+        lines.append(f"| {label} | {frac:.0%} | {r['n_train']} | " + " | ".join(cells)
+                     + f" | {r['mean'][baseline]:.2f} |")
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
         f.write(text)

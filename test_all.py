@@ -2204,6 +2204,33 @@ class TestFigures:
                 assert (sheet[:, 4 + spacer * 36:][:, :32] == 255).all()
                 assert (sheet[4:36, 4 + (spacer - 1) * 36:][:, :32] != 255).any()
 
+    def test_table_means_stds_runs_and_baselines(self, tmp_path):
+        """One row per task and fraction, one column per init, the baseline last, from
+        results.json files written by hand."""
+        import argparse
+        import figures
+
+        def write(name, metric, values, baseline_key, baseline, n_train):
+            runs = [{metric: v, baseline_key: baseline} for v in values]
+            mean = {metric: float(np.mean(values)), baseline_key: baseline}
+            std = {metric: float(np.std(values)), baseline_key: 0.0}
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "results.json").write_text(json.dumps(
+                dict(runs=runs, mean=mean, std=std, n_train=n_train)))
+        acc, maj = "test/mean_accuracy", "test/majority_accuracy"
+        write("attr-random-0.1", acc, [70.0, 74.0], maj, 75.64, 320)
+        write("attr-pros-0.1", acc, [80.0], maj, 75.64, 320)
+        write("align-pros-0.2", "test/nme", [9.0, 11.0], "test/nme_mean_shape", 15.83, 332)
+        out = str(tmp_path / "t.md")
+        figures.table(argparse.Namespace(dir=str(tmp_path), out=out,
+                                         inits=["random", "pros", "pros_noretrieval"]))
+        lines = open(out).read().splitlines()
+        assert lines[0] == "| task | labels | train images | random | pros | baseline |"
+        assert lines[2] == ("| attributes, mean accuracy % | 10% | 320 | 72.00 (2.00, 2 runs) | "
+                            "80.00 (0.00, 1 runs) | 75.64 |")
+        assert lines[3] == ("| landmarks, NME % (lower is better) | 20% | 332 |  | "
+                            "10.00 (1.00, 2 runs) | 15.83 |")
+
     @pytest.mark.slow
     def test_figures_bad_input_is_one_line_error(self, tiny_run, tmp_path):
         empty, backbone = tmp_path / "empty.jsonl", os.path.join(tiny_run, "teacher_backbone.pth")
