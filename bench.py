@@ -238,7 +238,7 @@ def bench_loader(args, device):
     return after
 
 
-def toy_pipeline(transform, argv, device):
+def toy_pipeline(transform, argv, device, bf16):
     """A toy pretraining set up as reproduce.sh runs it; returns step(), one training step that
     loads a batch, retrieves, augments (on the device when the worker did not) and trains."""
     import data
@@ -263,7 +263,7 @@ def toy_pipeline(transform, argv, device):
         else:
             g = batch_views(batch["global_crops"], batch["global_params"])
             l = batch_views(*take(batch["local_crops"], batch["local_params"], keep))
-        pretrain.training_step(model, teacher, opt, g, l, at=at, clip_grad=3.0, bf16=False)
+        pretrain.training_step(model, teacher, opt, g, l, at=at, clip_grad=3.0, bf16=bf16)
     return step
 
 
@@ -274,8 +274,8 @@ def bench_pipeline(args, device):
     argv = ["--data", os.path.join(world, "ms1m"), "--arch", "vit_tiny", "--batch-size", "64",
             "--global-size", "64", "--local-size", "32", "--workers", "1",
             "--arcface", os.path.join(world, "arcface.onnx")]
-    steps = {"per-crop pipeline": toy_pipeline(PerCropViews, argv, device),
-             "batched on the device": toy_pipeline(lambda mc: mc, argv, device)}
+    steps = {"per-crop pipeline": toy_pipeline(PerCropViews, argv, device, args.bf16),
+             "batched on the device": toy_pipeline(lambda mc: mc, argv, device, args.bf16)}
     times = {k: [] for k in steps}
     for i in range(args.warmup + args.steps):  # interleaved, so both see the same machine state
         for name, step in steps.items():
