@@ -12,14 +12,15 @@ retrieval: crops/s of ArcFace.embed batched vs one crop per call, for the toy re
            CNN) and for a graph with no compute (its time per call is the overhead that batching
            saves).
 loader:    a DataLoader worker's CPU milliseconds per image at the paper's sizes (2 x 224 globals,
-           12 x 96 candidates) on one thread: DINO's per-crop pipeline (every candidate augmented
-           with PIL and torchvision, the baseline) vs crops.MultiCrop (crops and parameters only);
-           and the batched augmentation of the kept views (crops.batch_views) on the device, per
-           image and as a share of the model step.
+           12 x 96 candidates) on one thread: DINO's per-crop pipeline (every candidate cut and
+           augmented with PIL and torchvision, the baseline) vs crops.MultiCrop (boxes and
+           parameters only); and the batch's crops (crops.resized_crops) and the augmentation of
+           the kept views (crops.batch_views) on the device, per image and as shares of the model
+           step.
 pipeline:  the toy pretraining as reproduce.sh runs it (ViT-Ti, 64 / 32 px, batch 64, one worker,
-           the toy recogniser), loading + retrieval + augmentation + step, with the baseline's
-           per-crop augmentation in the worker vs the batched one on the device, interleaved:
-           images/s of each and the ratio.
+           the toy recogniser), loading + crops + retrieval + augmentation + step, with the
+           baseline's per-crop cuts and augmentation in the worker vs the batch cut and augmented
+           on the device, interleaved: images/s of each and the ratio.
 The last line gives the CPU cores a training device needs for its loader workers, from the
 worker's milliseconds per image, at the measured step rate and at --rate.
 Medians over the timed steps; the first steps are warm-up.
@@ -31,13 +32,17 @@ import statistics
 import tempfile
 import time
 
+from functools import partial
+
 import torch
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, default_collate
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 import pretrain
-from crops import MultiCrop, batch_views, normalize, take, to_tensor
-from data import ArgumentParser, at_least
+from crops import MultiCrop, batch_views, collate, normalize, take
+from data import ArgumentParser, at_least, to_rgb
 from loss import PrototypeLoss, ProjectionHead
 from retrieval import ArcFace
 
@@ -175,9 +180,20 @@ class PILBlur(torch.nn.Module):
         return img.filter(ImageFilter.GaussianBlur(0.1 + 1.9 * torch.rand(1).item()))
 
 
+def pil_crops(img, boxes, size):
+    """DINO's RandomResizedCrop on a PIL image: each box resized by PIL, a list of PIL crops."""
+    return [img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            for top, left, h, w in boxes.tolist()]
+
+
+def to_tensor(crops):
+    """PIL crops of one size -> (n, 3, size, size) uint8."""
+    return torch.stack([pil_to_tensor(c) for c in crops])
+
+
 class PerCropViews:
     """The baseline worker: DINO's (and MSN's) pipeline, one PIL / torchvision call chain per crop,
-    every candidate augmented; it ships the raw crops too, for the retrieval."""
+    every candidate cut and augmented; it ships the raw crops too, for the retrieval."""
 
     def __init__(self, mc):
         def recipe(blur, solarize=0.0):
@@ -188,7 +204,10 @@ class PerCropViews:
         self.mc, self.recipes, self.local_recipe = mc, [recipe(1.0), recipe(0.1, 0.2)], recipe(0.5)
 
     def __call__(self, img):
-        g, l = self.mc.sample(img)
+        mc, img = self.mc, to_rgb(img)
+        g, l = (pil_crops(img, mc.boxes(img, n, scale), size)
+                for n, scale, size in ((mc.n_global, mc.global_scale, mc.global_size),
+                                       (mc.n_candidates, mc.local_scale, mc.local_size)))
         return dict(global_crops=to_tensor(g), local_crops=to_tensor(l),
                     global_views=torch.stack([self.recipes[i % 2](c) for i, c in enumerate(g)]),
                     local_views=torch.stack([self.local_recipe(c) for c in l]))
@@ -206,8 +225,14 @@ def worker_ms(transform, img, steps):
     return statistics.median(times)
 
 
+def median_time(fn, args, device):
+    """Median seconds of fn() over the timed steps, after the warm-up ones."""
+    for _ in range(args.warmup):
+        fn()
+    return statistics.median(timed(fn, device) for _ in range(args.steps))
+
+
 def bench_loader(args, device):
-    from PIL import Image
     import numpy as np
     mc = MultiCrop(n_candidates=12)
     img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (218, 178, 3), np.uint8))
@@ -216,31 +241,28 @@ def bench_loader(args, device):
     before, after = (worker_ms(t, img, args.steps) for t in (PerCropViews(mc), mc))
     torch.set_num_threads(threads)
     print(f"loader: a worker's CPU ms per image (2 x 224 globals, 12 x 96 candidates, one "
-          f"thread): per-crop pipeline {before:.1f}, crops + parameters {after:.1f} "
+          f"thread): per-crop pipeline {before:.1f}, boxes + parameters {after:.1f} "
           f"({before / after:.1f}x less)")
-    # the kept views of B images, augmented on the device
-    batch = torch.utils.data.default_collate([mc(img) for _ in range(args.batch_size)])
-    batch = pretrain.to_device(batch, device)
+    # a batch of B images on the device: its crops, then the kept views augmented
+    batch = pretrain.to_device(collate([mc(img) for _ in range(args.batch_size)]), device)
+    g, l = mc.crops(batch)
     keep = torch.arange(8, device=device).expand(args.batch_size, 8)
-    local = take(batch["local_crops"], batch["local_params"], keep)
-
-    def views():
-        return batch_views(batch["global_crops"], batch["global_params"]), batch_views(*local)
-    for _ in range(args.warmup):
-        views()
-    t = statistics.median(timed(views, device) for _ in range(args.steps))
-    step = make_step(step_variants()["ours"](), device, args)
-    for _ in range(args.warmup):
-        step()
-    t_step = statistics.median(timed(step, device) for _ in range(args.steps))
-    print(f"loader: batched augmentation on {device.type}, {t / args.batch_size * 1000:.2f} ms "
-          f"per image (2 globals + 8 kept locals) = {t / t_step:.1%} of the model step")
+    local = take(l, batch["local_params"], keep)
+    t_crops = median_time(lambda: mc.crops(batch), args, device)
+    t_aug = median_time(lambda: (batch_views(g, batch["global_params"]), batch_views(*local)),
+                        args, device)
+    t_step = median_time(make_step(step_variants()["ours"](), device, args), args, device)
+    per_image = [t / args.batch_size * 1000 for t in (t_crops, t_aug)]
+    print(f"loader: on {device.type}, per image, crops (2 + 12) {per_image[0]:.2f} ms and "
+          f"augmentation (2 + 8 kept views) {per_image[1]:.2f} ms = {t_crops / t_step:.1%} and "
+          f"{t_aug / t_step:.1%} of the model step")
     return after
 
 
-def toy_pipeline(transform, argv, device, bf16):
+def toy_pipeline(baseline, argv, device, bf16):
     """A toy pretraining set up as reproduce.sh runs it; returns step(), one training step that
-    loads a batch, retrieves, augments (on the device when the worker did not) and trains."""
+    loads a batch, retrieves, augments and trains: with the baseline's per-crop cuts and
+    augmentation in the worker, or with the batch cut and augmented on the device."""
     import data
     pa = pretrain.get_args(argv)
     model, teacher = pretrain.build_models(pa)
@@ -248,21 +270,26 @@ def toy_pipeline(transform, argv, device, bf16):
     teacher.to(device)
     opt = torch.optim.AdamW(pretrain.param_groups(model))
     mc = MultiCrop(pa.global_size, pa.local_size, pa.n_global, pa.n_local, pa.n_candidates)
-    views = pretrain.Views(data.pretrain_dataset(pa.data), transform(mc), 0)
-    loader = iter(pretrain.epoch_loader(views, pa, epoch=0, pin=device.type == "cuda"))
+    views = pretrain.Views(data.pretrain_dataset(pa.data), PerCropViews(mc) if baseline else mc, 0)
+    stack = default_collate if baseline else collate
+    loader = iter(DataLoader(views, batch_size=pa.batch_size, shuffle=True,
+                             num_workers=pa.workers, pin_memory=device.type == "cuda",
+                             collate_fn=partial(pretrain.collate, stack=stack),
+                             generator=torch.Generator().manual_seed(0)))
     arcface = ArcFace(pa.arcface)
     at = dict(lr=1e-4, weight_decay=0.04, momentum=0.996)
     generator = torch.Generator().manual_seed(0)
 
     def step():
         batch = pretrain.to_device(next(loader)[0], device)
-        keep, _ = pretrain.retrieve(batch, arcface, pa, generator)
-        if "global_views" in batch:  # the baseline: augmented in the worker
+        crops = (batch["global_crops"], batch["local_crops"]) if baseline else mc.crops(batch)
+        keep, _ = pretrain.retrieve(*crops, arcface, pa, generator)
+        if baseline:  # augmented in the worker
             g = normalize(batch["global_views"])
             l = normalize(take(batch["local_views"], {}, keep)[0])
         else:
-            g = batch_views(batch["global_crops"], batch["global_params"])
-            l = batch_views(*take(batch["local_crops"], batch["local_params"], keep))
+            g = batch_views(crops[0], batch["global_params"])
+            l = batch_views(*take(crops[1], batch["local_params"], keep))
         pretrain.training_step(model, teacher, opt, g, l, at=at, clip_grad=3.0, bf16=bf16)
     return step
 
@@ -274,8 +301,8 @@ def bench_pipeline(args, device):
     argv = ["--data", os.path.join(world, "ms1m"), "--arch", "vit_tiny", "--batch-size", "64",
             "--global-size", "64", "--local-size", "32", "--workers", "1",
             "--arcface", os.path.join(world, "arcface.onnx")]
-    steps = {"per-crop pipeline": toy_pipeline(PerCropViews, argv, device, args.bf16),
-             "batched on the device": toy_pipeline(lambda mc: mc, argv, device, args.bf16)}
+    steps = {"per-crop pipeline": toy_pipeline(True, argv, device, args.bf16),
+             "batched on the device": toy_pipeline(False, argv, device, args.bf16)}
     times = {k: [] for k in steps}
     for i in range(args.warmup + args.steps):  # interleaved, so both see the same machine state
         for name, step in steps.items():

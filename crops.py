@@ -7,20 +7,22 @@ The teacher sees the M global views (224px), the student the N local views (96px
 face-aware retrieval (retrieval.py) we cut C >= N local candidates and keep N of them per image in
 the training step. The paper's order is crop, retrieve, augment, and the work splits the same way:
 
-- a DataLoader worker, per image (`MultiCrop.__call__`): decode, cut the raw crops (uint8) and draw
-  every view's augmentation parameters from the sample's seeded RNG (`draw`);
-- the training step, per batch on the training device: the recogniser looks at the raw crops, the
-  kept views are augmented (`augment`, DINO's recipe as batched tensor operations, one short
-  function per operation) and normalised (`normalize`).
+- a DataLoader worker, per image (`MultiCrop.__call__`): decode, draw the crop boxes and every
+  view's augmentation parameters from the sample's seeded RNG (`draw`), and ship the image as uint8;
+- the training step, per batch on the training device: the crops are cut (`resized_crops`, PIL's
+  bicubic resize bit for bit), the recogniser looks at them, the kept views are augmented
+  (`augment`, DINO's recipe as batched tensor operations, one short function per operation) and
+  normalised (`normalize`).
 
-A worker thus does no per-pixel float work, and the views do not depend on --workers or resuming:
-all randomness is drawn in the worker from (seed, sample index).
+A worker thus does no per-pixel work beyond decoding, and the views do not depend on --workers or
+resuming: all randomness is drawn in the worker from (seed, sample index).
 """
 import math
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.utils.data import default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -34,11 +36,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def cycle(values, n):
     """(n,) tensor: values repeated over n views."""
     return torch.tensor(values).repeat(n // len(values) + 1)[:n]
-
-
-def to_tensor(crops):
-    """PIL crops of one size -> (n, 3, H, W) uint8."""
-    return torch.stack([TF.pil_to_tensor(c) for c in crops])
 
 
 class MultiCrop:
@@ -68,19 +65,9 @@ class MultiCrop:
         self.local_blur_p, self.local_solarize_p = [blur_p[2]], [0.0]
 
     def boxes(self, img, n, scale):
-        """n random-resized-crop boxes (top, left, height, width) over `img`."""
-        return [v2.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3)) for _ in range(n)]
-
-    def cut(self, img, boxes, size):
-        return [img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-                for top, left, h, w in boxes]
-
-    def sample(self, img):
-        """Raw (un-augmented) crops: (M global PIL crops, C local candidate PIL crops)."""
-        img = to_rgb(img)
-        g = self.boxes(img, self.n_global, self.global_scale)
-        l = self.boxes(img, self.n_candidates, self.local_scale)
-        return self.cut(img, g, self.global_size), self.cut(img, l, self.local_size)
+        """(n, 4) random-resized-crop boxes over `img`, rows (top, left, height, width)."""
+        return torch.tensor([v2.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3))
+                             for _ in range(n)])
 
     def draw(self, n, blur_p, solarize_p):
         """The augmentation parameters of n views, one row each; blur_p and solarize_p cycle over
@@ -98,17 +85,98 @@ class MultiCrop:
                     solarize=coin[:, 4] < cycle(solarize_p, n))
 
     def __call__(self, img):
-        """A DataLoader worker's output for one image: the raw crops as uint8, global (M, 3, G, G)
-        and local candidates (C, 3, L, L), and the parameters that `augment` applies to each."""
-        global_crops, local_crops = self.sample(img)
-        return dict(global_crops=to_tensor(global_crops), local_crops=to_tensor(local_crops),
+        """A DataLoader worker's output for one image: the image (3, H, W) uint8, the crop boxes,
+        global (M, 4) and local candidates (C, 4), and the parameters that `augment` applies to
+        each view. The training step cuts the crops (`crops`)."""
+        img = to_rgb(img)
+        return dict(image=TF.pil_to_tensor(img),
+                    global_boxes=self.boxes(img, self.n_global, self.global_scale),
+                    local_boxes=self.boxes(img, self.n_candidates, self.local_scale),
                     global_params=self.draw(self.n_global, self.global_blur_p,
                                             self.global_solarize_p),
                     local_params=self.draw(self.n_candidates, self.local_blur_p,
                                            self.local_solarize_p))
 
+    def crops(self, batch):
+        """The raw crops of a collated batch, where the batch is: global (B, M, 3, G, G) and local
+        candidates (B, C, 3, L, L), uint8."""
+        return tuple(resized_crops(batch["image"], batch["size"], batch[f"{k}_boxes"], size)
+                     for k, size in (("global", self.global_size), ("local", self.local_size)))
 
-# ----------------------------------------------------------------------------- per batch (device)
+    def sample(self, img):
+        """The raw crops of one image as PIL images: (M global, C local candidates)."""
+        return tuple([TF.to_pil_image(c) for c in crops[0]]
+                     for crops in self.crops(collate([self(img)])))
+
+
+def collate(samples):
+    """Workers' outputs -> a batch: default_collate, with the images zero-padded to the largest
+    (no box reaches the padding) and their sizes (B, 2) as (height, width)."""
+    H, W = (max(s["image"].shape[d] for s in samples) for d in (1, 2))
+    images = torch.zeros(len(samples), 3, H, W, dtype=torch.uint8)
+    for image, s in zip(images, samples):
+        image[:, :s["image"].shape[1], :s["image"].shape[2]] = s["image"]
+    rest = default_collate([{k: v for k, v in s.items() if k != "image"} for s in samples])
+    return dict(image=images, size=torch.tensor([s["image"].shape[1:] for s in samples]), **rest)
+
+
+# ------------------------------------------------------------------------ per batch (device): crops
+# The crops: DINO's RandomResizedCrop resizes each box with PIL's bicubic filter, in two separable
+# passes (across, then down), each a matrix of fixed-point coefficients whose sums are rounded to
+# uint8 levels (libImaging/Resample.c). Here each pass is one batched matrix product in float64,
+# whose integers are exact: each pass equals PIL's bit for bit, and so does the crop where PIL runs
+# the passes in this order, as it does on the toy faces and on 218 x 178 ones (test_all.py,
+# TestCrops). Newer Pillow releases choose the order per box; these crops do not depend on the
+# installed Pillow.
+
+PRECISION = 2 ** 22  # Resample.c: 22 fractional bits for the coefficients
+
+
+def bicubic(x):
+    """PIL's bicubic kernel (a = -0.5), its arithmetic in its order."""
+    x = x.abs()
+    return torch.where(x < 1, (1.5 * x - 2.5) * x * x + 1,
+                       torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0))
+
+
+def resize_matrix(start, length, size, n_in, n_out):
+    """PIL's coefficients (n, n_out, n_in), fixed point, that resize the span [start, start +
+    length) of an axis `size` long to n_out samples; start, length, size: (n,). Indices from size
+    to n_in (the padding) get none."""
+    start, length, size = (t.double()[:, None, None] for t in (start, length, size))
+    scale = length / n_out
+    stretch = scale.clamp(min=1)  # shrinking widens the kernel (antialiasing)
+    support = 2 * stretch
+    out = torch.arange(n_out, dtype=torch.float64, device=start.device)[:, None]
+    center = start + (out + 0.5) * scale  # (n, n_out, 1)
+    j = torch.arange(n_in, dtype=torch.float64, device=start.device)
+    window = (j >= (center - support + 0.5).trunc()) & \
+        (j < torch.minimum((center + support + 0.5).trunc(), size))
+    w = torch.where(window, bicubic((j - center + 0.5) * (1 / stretch)), 0.0)
+    w = w / w.sum(-1, keepdim=True) * PRECISION
+    return (w.abs() + 0.5).floor().copysign(w)  # rounded half away from zero, as Resample.c
+
+
+def to_levels(x):
+    """A fixed-point pass's sums -> uint8 levels: add a half, shift, clip (Resample.c's clip8)."""
+    return ((x + PRECISION // 2) / PRECISION).floor().clamp(0, 255)
+
+
+def resized_crops(images, sizes, boxes, n_out):
+    """uint8 images (B, 3, H, W), zero-padded, their sizes (B, 2) as (height, width) and boxes
+    (B, n, 4) as (top, left, height, width) -> crops (B, n, 3, n_out, n_out) uint8: each box
+    resized by PIL's bicubic passes (img.resize((n_out, n_out), BICUBIC, box)), on the images'
+    device."""
+    (B, n), (H, W) = boxes.shape[:2], images.shape[-2:]
+    top, left, h, w = boxes.flatten(0, 1).unbind(1)
+    height, width = sizes.repeat_interleave(n, 0).unbind(1)
+    rows = resize_matrix(top, h, height, H, n_out).view(B, n, n_out, H)
+    cols = resize_matrix(left, w, width, W, n_out).view(B, n, n_out, W)
+    x = to_levels(torch.einsum("bchw,bnxw->bnchx", images.double(), cols))  # across, first
+    return to_levels(torch.einsum("bnyh,bnchx->bncyx", rows, x)).to(torch.uint8)
+
+
+# ----------------------------------------------------------------- per batch (device): augmentation
 # Each operation takes float views (V, 3, H, W) in [0, 1] and a per-view mask or parameter, and
 # equals torchvision's per-image functional with that view's parameters (test_all.py, TestCrops).
 
@@ -292,10 +360,12 @@ def main():
     if img is None:
         raise SystemExit(f"error: {a.image}: not a readable image")
     torch.manual_seed(a.seed)
-    # the training step's views: the worker's crops and parameters, augmented as a batch of one
-    views = MultiCrop(a.global_size, a.local_size, n_local=a.n_local)(img)
-    g, l = ([TF.to_pil_image(v) for v in augment(views[f"{k}_crops"], views[f"{k}_params"])]
-            for k in ("global", "local"))
+    # the training step's views: the worker's boxes and parameters, cut and augmented as a batch
+    # of one
+    mc = MultiCrop(a.global_size, a.local_size, n_local=a.n_local)
+    views = mc(img)
+    g, l = ([TF.to_pil_image(v) for v in augment(crops[0], views[f"{k}_params"])]
+            for crops, k in zip(mc.crops(collate([views])), ("global", "local")))
     contact_sheet([g, l], tile=128).save(a.out)
     print(f"wrote {a.out}: {len(g)} global views on top, {len(l)} local views below")
 

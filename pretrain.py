@@ -9,9 +9,10 @@ prototypes.
 Per image, M global views go to the teacher and N local views to the student (§1, Fig. 2). With
 --arcface, C candidate local crops are cut and the face-aware retrieval keeps N of them in the
 training step, one recogniser call for the whole batch (an ArcFace R50 on an image's 14 crops costs
-more than its ViT-S step: in CPU workers it would starve the GPUs). The workers only cut the raw
-crops and draw their augmentation parameters; the kept views are augmented in the training step, a
-batch at once on the training device (crops.py), so a GPU needs few CPU cores to feed it.
+more than its ViT-S step: in CPU workers it would starve the GPUs). The workers only decode and
+draw the crop boxes and augmentation parameters; the crops are cut and the kept views augmented in
+the training step, a batch at once on the training device (crops.py), so a GPU needs few CPU cores
+to feed it.
 Run the same command again with the same --out and it resumes from the last checkpoint; one made
 with other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finishes the step (under
 torchrun: trains on to the next logging step, where the processes agree), saves and exits; a
@@ -23,6 +24,7 @@ step), skipped.txt (the unreadable images or records, each once).
 """
 import argparse
 import json
+from functools import partial
 import math
 import os
 import signal
@@ -37,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from crops import MultiCrop, batch_views, take
+from crops import collate as collate_views
 from data import (ArgumentParser, above, at_least, check_settings, data_root, fraction,
                   ignore_stop_signals, is_rank_zero, item_name, patch_multiple, pretrain_dataset,
                   random_subset, run_cli, write_lines)
@@ -328,12 +331,13 @@ class Views(torch.utils.data.Dataset):
             return item if self.transform is None else self.transform(item)
 
 
-def collate(samples):
-    """(the readable samples stacked, or None if none is; the names of the unreadable ones, which
-    Views gives in their place). Never fatal: the training loops skip, count and list them."""
+def collate(samples, stack=torch.utils.data.default_collate):
+    """(the readable samples stacked by `stack`, or None if none is; the names of the unreadable
+    ones, which Views gives in their place). Never fatal: the training loops skip, count and list
+    them."""
     ok = [s for s in samples if not isinstance(s, str)]
     names = [s for s in samples if isinstance(s, str)]
-    return (torch.utils.data.default_collate(ok) if ok else None), names
+    return (stack(ok) if ok else None), names
 
 
 def epoch_loader(views, args, epoch, start_batch=0, *, world=1, rank=0, pin=False):
@@ -345,7 +349,8 @@ def epoch_loader(views, args, epoch, start_batch=0, *, world=1, rank=0, pin=Fals
     indices = [epoch * len(views) + i for i in sampler][start_batch * args.batch_size:]
     # its own generator: creating a loader must not advance the global RNG (exact resume)
     return DataLoader(views, batch_size=args.batch_size, sampler=indices, num_workers=args.workers,
-                      collate_fn=collate, pin_memory=pin, drop_last=True,
+                      collate_fn=partial(collate, stack=collate_views), pin_memory=pin,
+                      drop_last=True,
                       worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(args.seed + epoch))
 
@@ -408,19 +413,16 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
-def retrieve(batch, arcface, args, generator):
+def retrieve(global_crops, local_crops, arcface, args, generator):
     """Face-aware retrieval for a batch, on the raw crops (before any augmentation, §3): one
-    recogniser call for the global crops and one for the candidates, where the batch is (the GPU
-    when there is one). Returns the indices (B, N) of the kept candidates, on the batch's device,
-    and the selection counts; without a recogniser, C == N and all are kept."""
-    crops = batch["local_crops"]
-    B, M, C = len(crops), batch["global_crops"].shape[1], crops.shape[1]
-    if arcface is None:
-        return torch.arange(C, device=crops.device).expand(B, C), {}
-    emb = torch.cat([arcface.embed(batch[k].flatten(0, 1)).view(B, n, -1).cpu()
-                     for k, n in (("global_crops", M), ("local_crops", C))], 1)  # (B, M + C, D)
+    recogniser call for the global crops (B, M, ...) and one for the candidates (B, C, ...), where
+    they are (the GPU when there is one). Returns the indices (B, N) of the kept candidates, on
+    their device, and the selection counts."""
+    (B, M), C = global_crops.shape[:2], local_crops.shape[1]
+    emb = torch.cat([arcface.embed(c.flatten(0, 1)).view(B, n, -1).cpu()
+                     for c, n in ((global_crops, M), (local_crops, C))], 1)  # (B, M + C, D)
     idx, stats = select_batch(emb, M, args.n_local, args.face_threshold, generator)
-    return idx.to(crops.device), stats
+    return idx.to(local_crops.device), stats
 
 
 def training_step(model, teacher, optimizer, global_views, local_views, *, at, clip_grad, bf16):
@@ -600,11 +602,14 @@ def train(args, stop):
                                  f"unreadable, e.g. {names[0]}")
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             batch = to_device(batch, device)
-            keep, rstats = retrieve(batch, arcface, args, generator)
-            local_crops, local_params = take(batch["local_crops"], batch["local_params"], keep)
+            # crop, retrieve, augment (§3), here on the device
+            global_crops, local_crops = multicrop.crops(batch)
+            local_params, rstats = batch["local_params"], {}
+            if arcface is not None:  # else C == N: all are kept
+                keep, rstats = retrieve(global_crops, local_crops, arcface, args, generator)
+                local_crops, local_params = take(local_crops, local_params, keep)
             now = at(step)
-            # crop, retrieve, augment (§3): the kept views are augmented here, on the device
-            global_views = batch_views(batch["global_crops"], batch["global_params"])
+            global_views = batch_views(global_crops, batch["global_params"])
             local_views = batch_views(local_crops, local_params)
             stats = training_step(ddp, teacher, optimizer, global_views, local_views, at=now,
                                   clip_grad=args.clip_grad, bf16=args.bf16)

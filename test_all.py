@@ -588,27 +588,74 @@ class TestCrops:
     """crops.py: multi-crop views and their normalisation (§3, Fig. 2)."""
 
     def test_multicrop_shapes_ranges_and_determinism(self):
-        from crops import MultiCrop
+        from crops import MultiCrop, collate
         img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (150, 120, 3), np.uint8))
         mc = MultiCrop(64, 32, n_global=2, n_local=3, n_candidates=5)
         torch.manual_seed(1)
         v = mc(img)
-        # a worker ships raw uint8 crops and per-view parameters, nothing augmented
-        assert v["global_crops"].shape == (2, 3, 64, 64)
-        assert v["local_crops"].shape == (5, 3, 32, 32)
-        assert v["global_crops"].dtype == v["local_crops"].dtype == torch.uint8
+        # a worker ships the decoded image, the boxes and per-view parameters, nothing cut
+        assert v["image"].shape == (3, 150, 120) and v["image"].dtype == torch.uint8
+        assert v["global_boxes"].shape == (2, 4) and v["local_boxes"].shape == (5, 4)
+        top, left, h, w = v["local_boxes"].unbind(1)
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= 150).all()
+        assert (left + w <= 120).all() and (h * w <= 0.4 * 150 * 120 + 1).all()
         assert v["global_params"]["factors"].shape == (2, 4)
         assert v["local_params"]["order"].shape == (5, 4)
         torch.manual_seed(1)
         w = mc(img)
-        for k in ("global_crops", "local_crops"):
+        for k in ("image", "global_boxes", "local_boxes"):
             assert torch.equal(v[k], w[k])
         for k in ("global_params", "local_params"):
             assert all(torch.equal(v[k][p], w[k][p]) for p in v[k])
+        g, l = mc.crops(collate([v]))
+        assert g.shape == (1, 2, 3, 64, 64) and l.shape == (1, 5, 3, 32, 32)
+        assert g.dtype == l.dtype == torch.uint8
         gc, lc = mc.sample(img)
         assert [c.size for c in gc] == [(64, 64)] * 2 and len(lc) == 5
         with pytest.raises(ValueError):
             MultiCrop(n_local=8, n_candidates=4)
+
+    @staticmethod
+    def _pil_two_passes(img, box, size):
+        """PIL's bicubic resize of box, one axis at a time: across (every row), then down."""
+        top, left, h, w = box
+        across = img.resize((size, img.height), Image.BICUBIC, box=(left, 0, left + w, img.height))
+        return across.resize((size, size), Image.BICUBIC, box=(0, top, size, top + h))
+
+    def test_resized_crops_equal_pil_bit_for_bit(self, toy_root):
+        """The batch's crops on the device = PIL's bicubic resize of each box, pass by pass, to the
+        bit, on noise images of other sizes padded into one batch (shrinking and enlarging, boxes
+        at the borders); and = PIL's one-call resize(box=...) on faces, square (the toy world's
+        112 x 112) and not (218 x 178), as DINO's RandomResizedCrop cuts them."""
+        from torchvision.transforms.v2 import functional as TF
+        from crops import MultiCrop, collate, resized_crops
+        rs = np.random.RandomState(0)
+        images = [Image.fromarray(rs.randint(0, 256, (hw[0], hw[1], 3), np.uint8))
+                  for hw in ((150, 120), (40, 90), (218, 178), (7, 5))]
+        torch.manual_seed(0)
+        mc = MultiCrop(global_scale=(0.4, 1.0), local_scale=(0.05, 1.0))
+        n = 6
+        batch = collate([dict(image=TF.pil_to_tensor(im), boxes=mc.boxes(im, n, mc.local_scale))
+                         for im in images])
+        assert batch["image"].shape == (4, 3, 218, 178)
+        assert batch["size"].tolist() == [[150, 120], [40, 90], [218, 178], [7, 5]]
+        for size in (224, 96, 32):
+            crops = resized_crops(batch["image"], batch["size"], batch["boxes"], size)
+            assert crops.shape == (4, n, 3, size, size) and crops.dtype == torch.uint8
+            for im, boxes, cut in zip(images, batch["boxes"], crops):
+                for box, crop in zip(boxes.tolist(), cut):
+                    assert torch.equal(crop, TF.pil_to_tensor(self._pil_two_passes(im, box, size)))
+        folder = os.path.join(toy_root, "toy", "celeba", "img_align_celeba")
+        faces = [Image.open(os.path.join(folder, f)).convert("RGB")
+                 for f in sorted(os.listdir(folder))[:4]]
+        for im in faces + [f.resize((178, 218), Image.BICUBIC) for f in faces]:
+            x = TF.pil_to_tensor(im)
+            for size, scale in ((224, mc.global_scale), (96, (0.05, 0.4))):
+                boxes = mc.boxes(im, 4, scale)
+                crops = resized_crops(x[None], torch.tensor([x.shape[1:]]), boxes[None], size)[0]
+                for (top, left, h, w), crop in zip(boxes.tolist(), crops):
+                    pil = im.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+                    assert torch.equal(crop, TF.pil_to_tensor(pil))
 
     @staticmethod
     def _views_and_params(n=12, seed=0):
@@ -737,7 +784,7 @@ class TestCrops:
 
     @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "tiny", "CMYK"])
     def test_multicrop_odd_images(self, mode):
-        from crops import MultiCrop
+        from crops import MultiCrop, collate
         rs = np.random.RandomState(0)
         img = {"L": Image.fromarray(rs.randint(0, 255, (50, 60), np.uint8)),
                "RGBA": Image.fromarray(rs.randint(0, 255, (50, 60, 4), np.uint8), "RGBA"),
@@ -745,11 +792,11 @@ class TestCrops:
                "I;16": Image.fromarray(rs.randint(0, 65535, (50, 60)).astype(np.uint16)),
                "tiny": Image.new("RGB", (3, 2), (200, 10, 10)),
                "CMYK": Image.new("CMYK", (40, 40))}[mode]
-        v = MultiCrop(32, 16, n_local=2)(img)
-        assert v["global_crops"].shape == (2, 3, 32, 32)
-        assert v["local_crops"].shape == (2, 3, 16, 16)
+        mc = MultiCrop(32, 16, n_local=2)
+        g, l = mc.crops(collate([mc(img)]))
+        assert g.shape == (1, 2, 3, 32, 32) and l.shape == (1, 2, 3, 16, 16)
         if mode == "I;16":  # 16-bit is scaled to 8 bits, not clipped to white
-            assert v["global_crops"].float().mean() < 200
+            assert g.float().mean() < 200
 
     def test_to_rgb_scales_16_bit(self):
         from data import to_rgb
@@ -1023,10 +1070,10 @@ class TestData:
         (folder / "c.txt").write_text("not an image")
         ds = data.ImageFolder(str(tmp_path / "imgs"))
         assert len(ds) == 2 and ds[0] is not None and ds[1] is None
-        from crops import MultiCrop
+        from crops import MultiCrop, collate
         views = pretrain.Views(ds, MultiCrop(32, 16, n_local=2), seed=0)
-        batch, names = pretrain.collate([views[0], views[1]])
-        assert names == [str(folder / "b.jpg")] and batch["global_crops"].shape[0] == 1
+        batch, names = pretrain.collate([views[0], views[1]], stack=collate)
+        assert names == [str(folder / "b.jpg")] and batch["image"].shape[0] == 1
 
     @pytest.mark.slow
     def test_missing_dataset_is_one_line_error(self, tmp_path):
@@ -2432,7 +2479,7 @@ class TestGPU:
         args = _tiny_pretrain_args(image_folder, "unused", "--workers", "1")
         views = pretrain.Views(data.ImageFolder(image_folder), MultiCrop(32, 16, n_local=2), 0)
         batch, _ = next(iter(pretrain.epoch_loader(views, args, 0, pin=True)))
-        assert batch["global_crops"].is_pinned() and batch["local_crops"].is_pinned()
+        assert batch["image"].is_pinned() and batch["local_boxes"].is_pinned()
         assert batch["local_params"]["factors"].is_pinned()
 
     @pytest.mark.gpu

@@ -32,9 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
+from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from crops import MultiCrop
+from crops import MultiCrop, resized_crops
 from data import RAFDB_EXPRESSIONS, RECORDIO_MAGIC, ArgumentParser, at_least
 from loss import cosine_schedule
 from retrieval import ArcFace, similarity
@@ -621,11 +622,13 @@ def evaluate_recognizer(path, seed=0, n_ids=200):
         crops.append(s["image"].crop((int(x0 - pad), int(y0 - pad), int(x1 + pad),
                                       int(y1 + pad))).resize((112, 112)))
         ids.append(k // 2)
-        g_boxes, l_boxes = mc.boxes(s["image"], 2,
-                                    mc.global_scale), mc.boxes(s["image"], 16, mc.local_scale)
-        emb = face.embed(mc.cut(s["image"], g_boxes + l_boxes, 112))
+        boxes = torch.cat([mc.boxes(s["image"], 2, mc.global_scale),
+                           mc.boxes(s["image"], 16, mc.local_scale)])  # (18, 4)
+        image = pil_to_tensor(s["image"])
+        emb = face.embed(resized_crops(image[None], torch.tensor([image.shape[1:]]), boxes[None],
+                                       112)[0])
         sims = similarity(emb[:2], emb[2:])
-        for (top, left, h, w), sim in zip(l_boxes, sims.tolist()):
+        for (top, left, h, w), sim in zip(boxes[2:].tolist(), sims.tolist()):
             overlap = max(0, min(left + w, x1) - max(left,
                                                      x0)) * max(0, min(top + h, y1) - max(top, y0))
             if overlap > 0.5 * w * h:

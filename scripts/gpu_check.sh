@@ -5,7 +5,7 @@
 #   3. a short toy pretraining with the face-aware retrieval under torchrun --nproc_per_node 1,
 #   4. one epoch of each fine-tuning task from its teacher,
 #   5. bench.py on the GPU (ViT-S/16 at the paper's sizes, batch 64, bf16; ours vs timm; the
-#      batched augmentation's share of the step; the toy pipeline before/after).
+#      crops' and the batched augmentation's shares of the step; the toy pipeline before/after).
 # Each part's output goes to $OUT (default runs/gpu_check); the script goes on after a failed part
 # and exits non-zero if any failed.
 #
