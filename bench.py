@@ -5,9 +5,9 @@
     python bench.py --only step        # one section: step, retrieval, loader, pipeline
 
 step:      one ProS training step (teacher forward on 2 global 224 crops per image, student
-           forward + backward on 8 local 96 crops per image, AdamW): images/s and peak memory;
-           with timm importable, the same step with timm's vit_small_patch16_224, interleaved,
-           and the ratio.
+           forward + backward on 8 local 96 crops per image, AdamW): images/s, peak memory and
+           GFLOP per image; with timm importable, the same step with timm's
+           vit_small_patch16_224, interleaved, and the ratio.
 retrieval: crops/s of ArcFace.embed batched vs one crop per call, for the toy recogniser (a small
            CNN) and for a graph with no compute (its time per call is the overhead that batching
            saves).
@@ -37,6 +37,7 @@ from functools import partial
 import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, default_collate
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -133,6 +134,10 @@ def bench_step(args, device):
               f"{memory[k]:.0f} MB ({how})")
     if "timm" in rate:
         print(f"step: ours / timm = {rate['ours'] / rate['timm']:.3f}")
+    with FlopCounterMode(display=False) as flops:
+        steps["ours"]()
+    print(f"step: {flops.get_total_flops() / args.batch_size / 1e9:.1f} GFLOP per image "
+          f"(torch's flop counter: teacher forward, student forward and backward)")
     return rate["ours"]
 
 
@@ -215,10 +220,13 @@ class PerCropViews:
 
 # ----------------------------------------------------------------------------- loader, pipeline
 
-def worker_ms(transform, img, steps):
-    """Median CPU milliseconds of transform(img) on one thread."""
+def worker_ms(transform, img, args):
+    """Median CPU milliseconds of transform(img) on one thread, over 10 x --steps calls (one call
+    takes milliseconds) after --warmup ones."""
+    for _ in range(args.warmup):
+        transform(img)
     times = []
-    for _ in range(steps):
+    for _ in range(10 * args.steps):
         t = time.process_time()
         transform(img)
         times.append((time.process_time() - t) * 1000)
@@ -238,7 +246,7 @@ def bench_loader(args, device):
     img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (218, 178, 3), np.uint8))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a DataLoader worker
-    before, after = (worker_ms(t, img, args.steps) for t in (PerCropViews(mc), mc))
+    before, after = (worker_ms(t, img, args) for t in (PerCropViews(mc), mc))
     torch.set_num_threads(threads)
     print(f"loader: a worker's CPU ms per image (2 x 224 globals, 12 x 96 candidates, one "
           f"thread): per-crop pipeline {before:.1f}, boxes + parameters {after:.1f} "
@@ -327,7 +335,7 @@ def main():
     p.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first")
     p.add_argument("--rate", type=at_least(1), default=4500, help="images/s of a training "
                    "device to size the loader for (an H100 at a quarter of its dense bf16 peak on "
-                   "ViT-S/16's 55 GFLOP per ProS image)")
+                   "ViT-S/16's 55 GFLOP per ProS image, which the step section prints)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 "
                    "autocast in the training steps (default: on CUDA only)")
     p.add_argument("--arcface", default=None, help="an ONNX recogniser for the retrieval section "

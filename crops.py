@@ -149,17 +149,22 @@ def resize_matrix(start, length, size, n_in, n_out):
     support = 2 * stretch
     out = torch.arange(n_out, dtype=torch.float64, device=start.device)[:, None]
     center = start + (out + 0.5) * scale  # (n, n_out, 1)
-    j = torch.arange(n_in, dtype=torch.float64, device=start.device)
-    window = (j >= (center - support + 0.5).trunc()) & \
-        (j < torch.minimum((center + support + 0.5).trunc(), size))
-    w = torch.where(window, bicubic((j - center + 0.5) * (1 / stretch)), 0.0)
+    # each output's window of taps, [first, last) within the axis
+    first = (center - support + 0.5).trunc().clamp(min=0)
+    last = torch.minimum((center + support + 0.5).trunc(), size)
+    taps = int(support.max().ceil()) * 2 + 1
+    j = first + torch.arange(taps, dtype=torch.float64, device=start.device)  # (n, n_out, taps)
+    w = torch.where(j < last, bicubic((j - center + 0.5) * (1 / stretch)), 0.0)
     w = w / w.sum(-1, keepdim=True) * PRECISION
-    return (w.abs() + 0.5).floor().copysign(w)  # rounded half away from zero, as Resample.c
+    w = (w.abs() + 0.5).floor().copysign(w)  # rounded half away from zero, as Resample.c
+    matrix = torch.zeros(len(start), n_out, n_in, dtype=torch.float64, device=start.device)
+    return matrix.scatter_add_(2, j.long().clamp(max=n_in - 1), w)
 
 
 def to_levels(x):
-    """A fixed-point pass's sums -> uint8 levels: add a half, shift, clip (Resample.c's clip8)."""
-    return ((x + PRECISION // 2) / PRECISION).floor().clamp(0, 255)
+    """A fixed-point pass's sums -> uint8 levels, in place: add a half, shift, clip (Resample.c's
+    clip8)."""
+    return x.add_(PRECISION // 2).mul_(1 / PRECISION).floor_().clamp_(0, 255)
 
 
 def resized_crops(images, sizes, boxes, n_out):
