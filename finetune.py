@@ -492,7 +492,7 @@ def train_one(task, args, train_set, tests, run, ctx):
     result = dict(seed=seed, n_train=len(subset), skipped=sorted(skipped), final=history[-1],
                   best_epoch=best, history=history, settings=settings)
     if rank == 0:
-        data.write_lines(result_path, [json.dumps(result, indent=1)])
+        write_lines(result_path, [json.dumps(result, indent=1)])
     return result
 
 
@@ -587,7 +587,7 @@ def run_all(task, args, stop):
                    mean=mean, std=std)
     skipped = sorted({name for r in runs for name in r["skipped"]})
     if rank == 0:
-        data.write_lines(os.path.join(args.out, "results.json"), [json.dumps(results, indent=1)])
+        write_lines(os.path.join(args.out, "results.json"), [json.dumps(results, indent=1)])
         if skipped:
             write_lines(os.path.join(args.out, "skipped.txt"), skipped)
         print(f"{len(runs)} run(s), final epoch, mean (std): " + task.summary(mean, std)

@@ -24,12 +24,12 @@ step), skipped.txt (the unreadable images or records, each once).
 """
 import argparse
 import json
-from functools import partial
 import math
 import os
 import signal
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
