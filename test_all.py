@@ -2484,6 +2484,24 @@ class TestGPU:
 
     @pytest.mark.gpu
     @gpu
+    def test_gpu_crops_and_views_equal_the_cpu_path(self):
+        """The crops on the GPU (cuBLAS in float64, whose integers are exact) = on the CPU, bit
+        for bit; the augmented views to float rounding."""
+        import pretrain
+        from crops import MultiCrop, batch_views, collate
+        rs = np.random.RandomState(0)
+        mc = MultiCrop(64, 32, n_local=4, n_candidates=6)
+        torch.manual_seed(0)
+        batch = collate([mc(Image.fromarray(rs.randint(0, 256, (h, w, 3), np.uint8)))
+                         for h, w in ((112, 112), (218, 178), (60, 90))])
+        on_gpu = pretrain.to_device(batch, torch.device("cuda"))
+        cpu, cuda = mc.crops(batch), mc.crops(on_gpu)
+        assert cuda[0].is_cuda and all(torch.equal(a, b.cpu()) for a, b in zip(cpu, cuda))
+        views = batch_views(cuda[1], on_gpu["local_params"]).cpu()
+        assert torch.allclose(views, batch_views(cpu[1], batch["local_params"]), atol=1e-4)
+
+    @pytest.mark.gpu
+    @gpu
     def test_gpu_checkpoint_restores_the_cuda_rng(self, tmp_path, image_folder):
         import pretrain
         out = tmp_path / "run"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA paths, end to end, on one GPU machine (meant to finish in under 8 minutes):
 #   1. onnxruntime-gpu in place of onnxruntime (from PyPI, or from wheels in .whl/ offline),
-#   2. the tests marked gpu (NCCL, bf16 step, IO binding, pinned loader, CUDA RNG in checkpoints),
+#   2. the tests marked gpu (NCCL, bf16 step, IO binding, pinned loader, crops on the GPU, CUDA RNG
+#      in checkpoints),
 #   3. a short toy pretraining with the face-aware retrieval under torchrun --nproc_per_node 1,
 #   4. one epoch of each fine-tuning task from its teacher,
 #   5. bench.py on the GPU (ViT-S/16 at the paper's sizes, batch 64, bf16; ours vs timm; the
