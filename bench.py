@@ -31,7 +31,6 @@ import os
 import statistics
 import tempfile
 import time
-
 from functools import partial
 
 import torch

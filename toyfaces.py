@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from crops import MultiCrop, resized_crops
+from crops import MultiCrop, collate, resized_crops
 from data import RAFDB_EXPRESSIONS, RECORDIO_MAGIC, ArgumentParser, at_least
 from loss import cosine_schedule
 from retrieval import ArcFace, similarity
@@ -624,9 +624,8 @@ def evaluate_recognizer(path, seed=0, n_ids=200):
         ids.append(k // 2)
         boxes = torch.cat([mc.boxes(s["image"], 2, mc.global_scale),
                            mc.boxes(s["image"], 16, mc.local_scale)])  # (18, 4)
-        image = pil_to_tensor(s["image"])
-        emb = face.embed(resized_crops(image[None], torch.tensor([image.shape[1:]]), boxes[None],
-                                       112)[0])
+        one = collate([dict(image=pil_to_tensor(s["image"]), boxes=boxes)])
+        emb = face.embed(resized_crops(one["image"], one["size"], one["boxes"], 112)[0])
         sims = similarity(emb[:2], emb[2:])
         for (top, left, h, w), sim in zip(boxes[2:].tolist(), sims.tolist()):
             overlap = max(0, min(left + w, x1) - max(left,
