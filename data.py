@@ -7,6 +7,8 @@
   read in pure Python with random access through the index; no mxnet.
 - `pretrain_dataset(name_or_path, root)`: `toy` (the toy world, written by toyfaces.py), a name
   such as `ms1m` under the data root, or a path; the format is detected from the files.
+- `read_celeba(path)`, `read_celeba_identities(path)`, `read_rafdb(path)`: the label files of
+  CelebA and RAF-DB, which fine-tuning and the probe (probe.py) read.
 
 Every dataset yields RGB PIL images, or None for an image that cannot be decoded: the training loop
 skips and counts those, so one corrupt file never stops a run.
@@ -323,6 +325,113 @@ def item_name(dataset, i):
     while isinstance(dataset, Subset):
         dataset, i = dataset.dataset, dataset.indices[i]
     return dataset.name(i)
+
+
+# ----------------------------------------------------------------------------- labelled sets
+
+SPLITS = {"0": "train", "1": "val", "2": "test"}
+
+
+def _open(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing ({what})")
+    return open(path)
+
+
+def read_celeba(path):
+    """A CelebA-layout folder -> dict(attributes=[names], train/val/test=[(image path, 0/1 array)]).
+
+    list_attr_celeba.txt (or list_attr.txt): line 1 the image count, line 2 the attribute names,
+    then `000001.jpg -1  1 ...` (values -1/1, or 0/1, separated by one or more spaces; -1 -> 0).
+    list_eval_partition.txt: `000001.jpg 0` with 0 train, 1 val, 2 test. Images in
+    img_align_celeba/.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder (expected img_align_celeba/, "
+                                f"list_attr_celeba.txt, "
+                                "list_eval_partition.txt; or try --dataset toy)")
+    names = ("list_attr_celeba.txt", "list_attr.txt")
+    attr_file = next((os.path.join(path, f) for f in names
+                      if os.path.isfile(os.path.join(path, f))), os.path.join(path, names[0]))
+    with _open(attr_file, "attribute labels") as f:
+        lines = f.read().splitlines()
+    try:
+        count = int(lines[0].strip())
+    except (ValueError, IndexError):
+        raise ValueError(f"{attr_file}:1: expected the number of images") from None
+    names = lines[1].split() if len(lines) > 1 else []
+    labels = {}
+    for n, line in enumerate(lines[2:], start=3):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) != len(names) + 1 or any(t not in ("-1", "0", "1") for t in tokens[1:]):
+            raise ValueError(f"{attr_file}:{n}: expected an image name and {len(names)} values "
+                             f"-1/1, got {len(tokens) - 1} tokens")
+        labels[tokens[0]] = np.array([t == "1" for t in tokens[1:]], np.float32)
+    if len(labels) != count:
+        raise ValueError(f"{attr_file}: line 1 says {count} images, the file lists {len(labels)}")
+    images = os.path.join(path, "img_align_celeba")
+    images = images if os.path.isdir(images) else path
+    out = dict(attributes=names, train=[], val=[], test=[])
+    part_file = os.path.join(path, "list_eval_partition.txt")
+    with _open(part_file, "train/val/test partition") as f:
+        for n, line in enumerate(f, start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 2 or tokens[1] not in SPLITS or tokens[0] not in labels:
+                raise ValueError(f"{part_file}:{n}: expected '<image listed in "
+                                 f"{os.path.basename(attr_file)}> 0|1|2', got {line.strip()!r}")
+            out[SPLITS[tokens[1]]].append((os.path.join(images, tokens[0]), labels[tokens[0]]))
+    return out
+
+
+def read_celeba_identities(path):
+    """CelebA's identity_CelebA.txt (`000001.jpg 2880`) -> {image name: identity}, or None where
+    the folder has no such file (verification needs it)."""
+    id_file = os.path.join(path, "identity_CelebA.txt")
+    if not os.path.isfile(id_file):
+        return None
+    out = {}
+    with open(id_file) as f:
+        for n, line in enumerate(f, start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 2 or not tokens[1].isdigit():
+                raise ValueError(f"{id_file}:{n}: expected '<name>.jpg <identity>', got "
+                                 f"{line.strip()!r}")
+            out[tokens[0]] = int(tokens[1])
+    return out
+
+
+def read_rafdb(path):
+    """RAF-DB basic folder -> dict(train=[(image, label 0..6)], test=[...]), split by the name
+    prefix."""
+    # the dataset's own spelling
+    label_file = os.path.join(path, "EmoLabel", "list_patition_label.txt")
+    if not os.path.isfile(label_file):
+        raise FileNotFoundError(f"{label_file}: missing (expected RAF-DB basic: "
+                                f"EmoLabel/list_patition_label.txt "
+                                "and Image/aligned/; or try --dataset toy)")
+    out = dict(train=[], test=[])
+    with open(label_file) as f:
+        for n, line in enumerate(f, start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 2 or tokens[1] not in {str(i) for i in range(1, 8)}:
+                raise ValueError(f"{label_file}:{n}: expected '<name>.jpg <label 1..7>', got "
+                                 f"{line.strip()!r}")
+            split = tokens[0].split("_")[0]
+            if split not in out:
+                raise ValueError(f"{label_file}:{n}: image name must start with train_ or test_, "
+                                 f"got {tokens[0]}")
+            stem = os.path.splitext(tokens[0])[0]
+            out[split].append((os.path.join(path, "Image", "aligned", stem + "_aligned.jpg"),
+                               int(tokens[1]) - 1))
+    return out
 
 
 # ----------------------------------------------------------------------------- by name

@@ -35,8 +35,7 @@ def default_images(args, split="celeba", n=6):
     if split == "ms1m":
         ds = data.RecordIO(os.path.join(world, "ms1m"))
         return [ds[i] for i in range(0, n * 37, 37)]
-    from finetune_attr import read_celeba
-    return [p for p, _ in read_celeba(os.path.join(world, "celeba"))["test"][:n]]
+    return [p for p, _ in data.read_celeba(os.path.join(world, "celeba"))["test"][:n]]
 
 
 def as_image(x):

@@ -22,65 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import finetune
+from data import read_celeba
 from finetune import LabelledImages, eval_transform, train_transform
-
-SPLITS = {"0": "train", "1": "val", "2": "test"}
-
-
-def _open(path, what):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing ({what})")
-    return open(path)
-
-
-def read_celeba(path):
-    """A CelebA-layout folder -> dict(attributes=[names], train/val/test=[(image path, 0/1 array)]).
-
-    list_attr_celeba.txt (or list_attr.txt): line 1 the image count, line 2 the attribute names,
-    then `000001.jpg -1  1 ...` (values -1/1, or 0/1, separated by one or more spaces; -1 -> 0).
-    list_eval_partition.txt: `000001.jpg 0` with 0 train, 1 val, 2 test. Images in
-    img_align_celeba/.
-    """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such folder (expected img_align_celeba/, "
-                                f"list_attr_celeba.txt, "
-                                "list_eval_partition.txt; or try --dataset toy)")
-    names = ("list_attr_celeba.txt", "list_attr.txt")
-    attr_file = next((os.path.join(path, f) for f in names
-                      if os.path.isfile(os.path.join(path, f))), os.path.join(path, names[0]))
-    with _open(attr_file, "attribute labels") as f:
-        lines = f.read().splitlines()
-    try:
-        count = int(lines[0].strip())
-    except (ValueError, IndexError):
-        raise ValueError(f"{attr_file}:1: expected the number of images") from None
-    names = lines[1].split() if len(lines) > 1 else []
-    labels = {}
-    for n, line in enumerate(lines[2:], start=3):
-        tokens = line.split()
-        if not tokens:
-            continue
-        if len(tokens) != len(names) + 1 or any(t not in ("-1", "0", "1") for t in tokens[1:]):
-            raise ValueError(f"{attr_file}:{n}: expected an image name and {len(names)} values "
-                             f"-1/1, got {len(tokens) - 1} tokens")
-        labels[tokens[0]] = np.array([t == "1" for t in tokens[1:]], np.float32)
-    if len(labels) != count:
-        raise ValueError(f"{attr_file}: line 1 says {count} images, the file lists {len(labels)}")
-    images = os.path.join(path, "img_align_celeba")
-    images = images if os.path.isdir(images) else path
-    out = dict(attributes=names, train=[], val=[], test=[])
-    part_file = os.path.join(path, "list_eval_partition.txt")
-    with _open(part_file, "train/val/test partition") as f:
-        for n, line in enumerate(f, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) != 2 or tokens[1] not in SPLITS or tokens[0] not in labels:
-                raise ValueError(f"{part_file}:{n}: expected '<image listed in "
-                                 f"{os.path.basename(attr_file)}> 0|1|2', got {line.strip()!r}")
-            out[SPLITS[tokens[1]]].append((os.path.join(images, tokens[0]), labels[tokens[0]]))
-    return out
-
 
 def read_lfwa_mat(path):
     """LFWA as distributed: lfw_att_40.mat (name, label, AttrName) and indices_train_test.mat

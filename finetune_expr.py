@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import finetune
-from data import RAFDB_EXPRESSIONS, at_least, probability
+from data import RAFDB_EXPRESSIONS, at_least, probability, read_rafdb
 from finetune import LabelledImages, eval_transform, train_transform
 
 # labels 1..7
@@ -36,34 +36,6 @@ AFFECTNET_CLASSES = ["Neutral", "Happiness", "Sadness", "Surprise", "Fear", "Dis
                      "Contempt"]
 FOLDER_NAMES = {"neutral": 0, "happy": 1, "happiness": 1, "sad": 2, "sadness": 2, "surprise": 3,
                 "fear": 4, "disgust": 5, "anger": 6, "angry": 6, "contempt": 7}
-
-
-def read_rafdb(path):
-    """RAF-DB basic folder -> dict(train=[(image, label 0..6)], test=[...]), split by the name
-    prefix."""
-    # the dataset's own spelling
-    label_file = os.path.join(path, "EmoLabel", "list_patition_label.txt")
-    if not os.path.isfile(label_file):
-        raise FileNotFoundError(f"{label_file}: missing (expected RAF-DB basic: "
-                                f"EmoLabel/list_patition_label.txt "
-                                "and Image/aligned/; or try --dataset toy)")
-    out = dict(train=[], test=[])
-    with open(label_file) as f:
-        for n, line in enumerate(f, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) != 2 or tokens[1] not in {str(i) for i in range(1, 8)}:
-                raise ValueError(f"{label_file}:{n}: expected '<name>.jpg <label 1..7>', got "
-                                 f"{line.strip()!r}")
-            split = tokens[0].split("_")[0]
-            if split not in out:
-                raise ValueError(f"{label_file}:{n}: image name must start with train_ or test_, "
-                                 f"got {tokens[0]}")
-            stem = os.path.splitext(tokens[0])[0]
-            out[split].append((os.path.join(path, "Image", "aligned", stem + "_aligned.jpg"),
-                               int(tokens[1]) - 1))
-    return out
 
 
 def read_affectnet_csv(csv_path, images):

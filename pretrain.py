@@ -18,9 +18,13 @@ with other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finis
 torchrun: trains on to the next logging step, where the processes agree), saves and exits; a
 checkpoint is also written every --save-every-min minutes and every epoch.
 
+At the end (and every --probe-every epochs) the teacher's frozen features are probed (probe.py:
+linear, k-NN, verification) beside its random init and raw pixels; the last lines say whether the
+run collapsed, learned (beat its random init), or did not.
+
 Outputs in --out: checkpoint.pth (everything to resume, and the settings it was made with),
 teacher_backbone.pth (the teacher ViT, what fine-tuning loads), log.jsonl (one line per logging
-step), skipped.txt (the unreadable images or records, each once).
+step and per probe), skipped.txt (the unreadable images or records, each once).
 """
 import argparse
 import json
@@ -45,6 +49,7 @@ from data import (ArgumentParser, above, at_least, check_settings, data_root, fr
                   random_subset, run_cli, write_lines)
 from loss import (PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule,
                   weight_decay_schedule)
+from probe import Judge, probe_sets, random_backbone, toy_sets, verdict
 from retrieval import ArcFace, select_batch
 import toyfaces
 from vit import ARCHS, read_checkpoint
@@ -58,6 +63,7 @@ def get_args(argv=None):
     p.add_argument("--data-root", default=None, help="where dataset names resolve (default: "
                    "$PROS_DATA, else ./data)")
     p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: ViT-S/16)")
+    p.add_argument("--patch-size", type=count, default=16, help="ViT patch side (§3.2: /16)")
     p.add_argument("--epochs", type=count, default=20, help="§3.3")
     p.add_argument("--batch-size", type=count, default=64,
                    help="images per process (§3.3: 64 x 4 GPUs)")
@@ -95,6 +101,9 @@ def get_args(argv=None):
     p.add_argument("--local-size", type=patch_multiple, default=96, help="local crop side (§3.2)")
     p.add_argument("--n-global", type=count, default=2, help="M global views (DINO's 2)")
     p.add_argument("--n-local", type=count, default=8, help="N local views (unstated; DINO's 8)")
+    p.add_argument("--blur-sigma", type=positive, nargs=2, default=(0.1, 2.0), metavar=("LO", "HI"),
+                   help="Gaussian blur's sigma range in pixels of the views (DINO, for 224 / 96 px "
+                   "views)")
     p.add_argument("--arcface", default=None, help="ONNX recogniser: enables the face-aware "
                    "retrieval (§3)")
     p.add_argument("--arcface-raw-input", action="store_true", help="the ONNX graph normalises "
@@ -123,14 +132,27 @@ def get_args(argv=None):
                    "on a CPU with native bf16 (AVX512-BF16, AMX), far slower on one without "
                    "(python bench.py --bf16)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
+    p.add_argument("--probe-attr", default=None, help="CelebA-layout folder on which the "
+                   "teacher's frozen features are probed (probe.py) at the end; default: the toy "
+                   "world's with --data toy, else none")
+    p.add_argument("--probe-expr", default=None, help="RAF-DB-layout folder, the same way")
+    p.add_argument("--probe-images", type=at_least(10), default=4000,
+                   help="at most this many images a probe split")
+    p.add_argument("--probe-every", type=at_least(0), default=0,
+                   help="also probe every this many epochs (0: at the end only)")
     args = p.parse_args(argv)
+    for side in ("global_size", "local_size"):
+        if getattr(args, side) % args.patch_size:
+            p.error(f"--{side.replace('_', '-')} {getattr(args, side)}: expected a multiple of "
+                    f"--patch-size ({args.patch_size})")
     if args.arcface and args.n_candidates < args.n_local:
         p.error(f"--n-candidates {args.n_candidates}: expected at least --n-local ({args.n_local})")
     return args
 
 
 # Flags that do not change what a run computes: where it writes, how it loads, logs and probes.
-NOT_SETTINGS = ("out", "data_root", "workers", "log_every", "save_every", "save_every_min")
+NOT_SETTINGS = ("out", "data_root", "workers", "log_every", "save_every", "save_every_min",
+                "probe_attr", "probe_expr", "probe_images", "probe_every")
 
 
 def run_settings(args, world, n_images):
@@ -387,7 +409,7 @@ def build_models(args):
     """(ProS student module, teacher encoder): the teacher starts as a copy of the student
     (§3.3)."""
     def make(drop):
-        backbone = ARCHS[args.arch](drop_path_rate=drop)
+        backbone = ARCHS[args.arch](patch_size=args.patch_size, drop_path_rate=drop)
         return Encoder(backbone, ProjectionHead(backbone.embed_dim, args.out_dim,
                                                 batch_norm=args.projector_bn))
     student, teacher = make(args.drop_path), make(0.0)
@@ -481,19 +503,50 @@ def collapse_state(row, args):
     return share, "collapsed" if share < COLLAPSED_SHARE else "healthy"
 
 
-def summary(row, args):
-    """The end-of-run line: the end values, and the verdict on collapse."""
+def summary(row, args, judge=None, probed=None):
+    """The end-of-run lines: the prototype statistics, the probe beside its references, and the
+    verdict: COLLAPSED, NOT LEARNED (the probe within noise of random init), LEARNED, or not judged
+    (no probe sets). Spread prototypes alone prove nothing: Sinkhorn spreads a random init's."""
     if row is None:
         return "no logged step"
     share, state = collapse_state(row, args)
     text = (f"teacher predictions on {row['prototypes_used']:.0f} prototypes a batch ({share:.0%} "
             f"of those reachable), teacher entropy {row['teacher_entropy']:.2f}, student entropy "
             f"{row['student_entropy']:.2f} of ln K = {math.log(args.n_prototypes):.2f}")
+    if probed is not None:
+        text += f"\nprobe, teacher / random init / raw pixels: {judge.compare(probed)}"
     if state == "collapsed":
-        text += "; COLLAPSED: the teacher assigns nearly every image to a few prototypes"
+        text += "\nverdict: COLLAPSED: the teacher assigns nearly every image to a few prototypes"
         if not (args.sinkhorn and args.projector_bn):
             text += " (--sinkhorn and --projector-bn, the defaults, keep them spread)"
+    elif probed is None:
+        text += ("\nverdict: not judged: no probe sets (--probe-attr, --probe-expr) to tell "
+                 "learning from a random init")
+    else:
+        learned, words = verdict(probed)
+        text += (f"\nverdict: LEARNED: {words}" if learned == "learned" else
+                 f"\nverdict: NOT LEARNED: the teacher is within noise of its random init; {words}")
     return text
+
+
+def make_judge(args, device):
+    """The probe of the teacher (probe.py) on the sets --probe-attr/--probe-expr name (the toy
+    world's with --data toy), or None where there are none."""
+    if args.probe_attr or args.probe_expr:
+        sets = probe_sets(args.probe_attr, args.probe_expr, args.global_size, args.probe_images)
+    elif args.data == "toy":
+        sets = toy_sets(data_root(args.data_root), args.global_size, args.probe_images)
+    else:
+        return None
+    return Judge(sets, random_backbone(args.arch, args.seed, patch_size=args.patch_size), device)
+
+
+def probe_row(judge, teacher, step, steps_per_epoch, log):
+    """Probe the teacher's backbone; its scores go to log.jsonl as a row of their own."""
+    scores = judge(teacher.backbone)
+    log.write(json.dumps(dict(step=step, epoch=step / steps_per_epoch, **scores)) + "\n")
+    log.flush()
+    return scores
 
 
 def last_row(path):
@@ -532,7 +585,8 @@ def train(args, stop):
     elif rank == 0:
         print("no --arcface: local crops are uncurated (no face-aware retrieval)")
     multicrop = MultiCrop(args.global_size, args.local_size, args.n_global, args.n_local,
-                          args.n_candidates if arcface else args.n_local)
+                          args.n_candidates if arcface else args.n_local,
+                          sigma=tuple(args.blur_sigma))
     views = Views(images, multicrop, args.seed)
 
     model, teacher = build_models(args)
@@ -545,6 +599,7 @@ def train(args, stop):
                                   if device.type == "cuda" else None) \
         if world > 1 else model
     optimizer = torch.optim.AdamW(param_groups(model), fused=device.type == "cuda")
+    judge = make_judge(args, device) if rank == 0 else None
 
     global_batch = args.batch_size * world
     steps_per_epoch = len(images) // global_batch
@@ -587,6 +642,10 @@ def train(args, stop):
     if rank == 0 and step < total_steps:
         print(f"{len(images)} images, global batch {global_batch} ({world} x {args.batch_size}), "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {args.lr * scale:.2e}")
+        if args.warmup_epochs >= args.epochs / 2:
+            part = "the whole" if args.warmup_epochs >= args.epochs else "most of the"
+            print(f"warning: --warmup-epochs {args.warmup_epochs:g} of --epochs {args.epochs}: "
+                  f"{part} run is warmup (the paper warms up 2 of 20 epochs)", file=sys.stderr)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="pretrain",
                dynamic_ncols=True)
     log = open(log_path, "a") if rank == 0 else None
@@ -652,6 +711,9 @@ def train(args, stop):
             if epoch_end or by_steps or checkpoint_due(saved_at, args) or stopping:
                 save()
                 saved_at = time.time()
+            every = args.probe_every * steps_per_epoch
+            if judge and every and step % every == 0 and step < total_steps:
+                probe_row(judge, teacher, step, steps_per_epoch, log)
             if stopping:
                 bar.close()
                 stop_exit(stop.signum or signal.SIGTERM, step, ckpt_path)
@@ -659,11 +721,12 @@ def train(args, stop):
                 break
     bar.close()
     if rank == 0:
+        probed = judge and probe_row(judge, teacher, step, steps_per_epoch, log)
         print(f"done: {total_steps} steps; teacher backbone in "
               f"{os.path.join(args.out, 'teacher_backbone.pth')}"
               + (f"; {len(skipped)} unreadable images skipped, listed in {skipped_path}"
                  if skipped else "")
-              + f"\nat the end: {summary(last_row(log_path), args)}")
+              + f"\nat the end: {summary(last_row(log_path), args, judge, probed)}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

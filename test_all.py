@@ -415,8 +415,10 @@ class TestLayering:
         assert _find_cycle(graph) is None
         assert graph["loss"] == set() and graph["data"] == set()
         assert graph["vit"] <= {"data"}  # its command line only
-        fine_tuning = {"finetune", "finetune_attr", "finetune_expr", "finetune_align", "knn"}
+        fine_tuning = {"finetune", "finetune_attr", "finetune_expr", "finetune_align"}
         assert not graph["pretrain"] & fine_tuning
+        # pretraining judges its teacher with the probe; the probe reads data, never the trainers
+        assert not graph["probe"] & (fine_tuning | {"pretrain"})
         for piece in ("vit", "loss", "data", "crops", "retrieval", "toyfaces"):
             assert not graph[piece] & (fine_tuning | {"pretrain", "figures", "bench"}), piece
 
@@ -527,6 +529,14 @@ class TestViT:
         dst = vit.vit_tiny()
         vit.load_pretrained(dst, src.state_dict())
         assert torch.allclose(dst.pos_embed, vit.resample_pos_embed(src.pos_embed, (14, 14)))
+
+    def test_load_pretrained_adopts_the_checkpoints_patch_size(self):
+        import vit
+        src = vit.vit_tiny(patch_size=8)
+        dst = vit.vit_tiny()  # patch 16, as every script builds it
+        assert vit.load_pretrained(dst, src.state_dict()) == ([], [])
+        x = torch.randn(2, 3, 64, 64)
+        assert dst.patch_size == 8 and torch.equal(_outputs(src, x), _outputs(dst, x))
 
     def test_load_pretrained_bad_files(self, tmp_path):
         import vit
@@ -1222,8 +1232,8 @@ class TestToyWorld:
     def test_toy_world_reads_back_through_the_real_readers(self, toy_root):
         import data
         from finetune_align import read_300w
-        from finetune_attr import read_celeba
-        from finetune_expr import read_rafdb
+        from data import read_celeba
+        from data import read_rafdb
         import toyfaces
         world = os.path.join(toy_root, "toy")
         ms1m = data.pretrain_dataset(os.path.join(world, "ms1m"))
@@ -1655,6 +1665,26 @@ class TestPretrain:
         rows, out = runs["msn"]
         assert all(r["state"] == "healthy" for r in rows)
         assert "COLLAPSED" not in out and "at the end:" in out
+        assert "verdict: not judged: no probe sets" in out  # spread prototypes are no evidence
+
+    @pytest.mark.slow
+    def test_an_untrained_teacher_is_judged_not_learned(self, toy_root, tmp_path, capsys):
+        """lr 1e-12: the teacher stays its random init, and the probe says so, every epoch and at
+        the end, beside the random-init and pixel references."""
+        import pretrain
+        world = os.path.join(toy_root, "toy")
+        pretrain.main(_tiny_pretrain_args(
+            os.path.join(world, "ms1m"), str(tmp_path), "--batch-size", "30", "--lr", "1e-12",
+            "--warmup-lr", "0", "--min-lr", "0", "--probe-every", "1", "--probe-images", "40",
+            "--probe-attr", os.path.join(world, "celeba"), "--probe-expr",
+            os.path.join(world, "rafdb")))
+        out = capsys.readouterr().out
+        probes = [json.loads(l) for l in open(tmp_path / "log.jsonl") if "probe_gain" in l]
+        assert [r["step"] for r in probes] == [4, 8]  # 120 images, batch 30, 2 epochs
+        assert all(abs(r["probe_gain"]) < 0.01 and r["weight_change"] < 1e-6 for r in probes)
+        assert {"attr_linear_auc", "expr_linear_mca", "verify_auc"} <= set(probes[-1])
+        assert "probe, teacher / random init / raw pixels: attributes, linear, mean AUC" in out
+        assert "verdict: NOT LEARNED: the teacher is within noise of its random init" in out
 
 
 class TestFinetune:
@@ -1812,7 +1842,7 @@ class TestFinetune:
         """A corrupt image is skipped and counted; a split with none readable is a clear error
         naming the data."""
         import toyfaces
-        from finetune_attr import read_celeba
+        from data import read_celeba
         d = str(tmp_path / "celeba")
         toyfaces.write_celeba(d, 12, seed=3, workers=1)
         for path, _ in read_celeba(d)[split]:
@@ -1904,7 +1934,7 @@ class TestAttr:
     """finetune_attr.py: CelebA / LFWA attributes (Tables 1-2)."""
 
     def test_celeba_parser(self, tmp_path):
-        from finetune_attr import read_celeba
+        from data import read_celeba
         data = read_celeba(_celeba(tmp_path))
         assert data["attributes"] == ["5_o_Clock_Shadow", "Arched_Eyebrows", "Smiling"]
         assert [os.path.basename(p) for p, _ in data["train"]] == ["000001.jpg"]
@@ -1913,7 +1943,7 @@ class TestAttr:
 
     @pytest.mark.slow
     def test_celeba_bad_inputs(self, tmp_path):
-        from finetune_attr import read_celeba
+        from data import read_celeba
         with pytest.raises(FileNotFoundError, match="toy"):
             read_celeba(str(tmp_path / "nothing"))
         bad = CELEBA_ATTR.replace("000002.jpg  1 -1 -1", "000002.jpg  1 -1")
@@ -1989,7 +2019,7 @@ class TestExpr:
         assert F.cross_entropy(logits, soft, label_smoothing=0.1) == pytest.approx(expected.item())
 
     def test_rafdb_parser_and_bad_label(self, tmp_path):
-        from finetune_expr import read_rafdb
+        from data import read_rafdb
         (tmp_path / "EmoLabel").mkdir()
         (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text(RAF_LABELS)
         data = read_rafdb(str(tmp_path))
@@ -2190,34 +2220,134 @@ class TestAlign:
         assert task.backbone_lr_scale(args) * lr_at(0) == pytest.approx(1e-4)
 
 
-class TestKNN:
-    """knn.py: the k-NN probe of a checkpoint."""
+class TestProbe:
+    """probe.py: frozen-feature probes, their references and the verdict on learning."""
+
+    def test_roc_auc_counts_ordered_pairs_with_ties_half(self):
+        from probe import roc_auc
+        scores = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.4, 0.2])
+        positive = torch.tensor([False, True, False, True, False, True])
+        pairs = [(1.0 if p > n else 0.5 if p == n else 0.0)
+                 for p in scores[positive].tolist() for n in scores[~positive].tolist()]
+        assert roc_auc(scores, positive) == pytest.approx(sum(pairs) / len(pairs))
+        assert roc_auc(torch.arange(6.0), torch.arange(6) >= 3) == 1.0
 
     def test_knn_vote_on_hand_made_points(self):
-        from knn import knn_vote
+        from probe import knn_vote
         bank = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
         labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
         votes = knn_vote(bank, labels, F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]),
                                                    dim=1), k=2, chunk=1)
         assert votes.argmax(1).tolist() == [0, 1] and torch.allclose(votes.sum(1), torch.ones(2))
 
-    def test_knn_features_of_unreadable_images_is_an_error(self, tmp_path):
-        import vit
-        from knn import features
-        bad = tmp_path / "bad.jpg"
+    @staticmethod
+    def _sets(signal, n=600, dim=32):
+        """Probe sets whose features are the labels times `signal` plus unit noise: 4 attributes,
+        5 expressions, dim / 2 identities to verify; the 'images' are the features themselves."""
+        g = torch.Generator().manual_seed(0)
+
+        def noisy(code):
+            code = F.pad(code, (0, dim - code.shape[1]))
+            return signal * code + torch.randn(code.shape, generator=g)
+
+        def split(m):
+            attrs = (torch.rand(m, 4, generator=g) < 0.4).float()
+            expr = torch.randint(0, 5, (m,), generator=g)
+            return noisy(torch.cat([attrs * 2 - 1, F.one_hot(expr, 5).float()], 1)), attrs, expr
+        x, a, e = split(n)
+        xt, at, et = split(n // 2)
+        ident = torch.arange(n // 2) % (dim // 2)
+        return {"attr": (x, a, xt, at), "expr": (x, e, xt, et),
+                "verify": (noisy(F.one_hot(ident, dim // 2).float()), ident)}
+
+    def test_probes_on_constructed_features(self):
+        from probe import run_probes
+        clear = run_probes(lambda x: x, self._sets(signal=8.0))
+        noise = run_probes(lambda x: x, self._sets(signal=0.0))
+        for k in ("attr_linear_acc", "attr_linear_auc", "attr_knn_acc", "expr_linear_mca",
+                  "expr_linear_acc", "expr_knn_mca"):
+            assert clear[k] > 97, (k, clear[k])
+        assert clear["verify_auc"] > 97 and clear["verify_rank1"] > 90
+        # chance: AUC 50, 5 balanced classes 20, the majority of a 40% attribute 60
+        assert abs(noise["attr_linear_auc"] - 50) < 6 and abs(noise["verify_auc"] - 50) < 3
+        assert abs(noise["expr_linear_mca"] - 20) < 6 and noise["attr_linear_acc"] < 66
+
+    def test_the_l2_strength_is_chosen_on_held_out_data(self, monkeypatch):
+        import probe
+        chosen = []
+        fit = probe.fit_logistic
+        monkeypatch.setattr(probe, "fit_logistic", lambda x, y, l2, multi: chosen.append(
+            (len(x), l2)) or fit(x, y, l2, multi))
+        x, y, xt, yt = self._sets(signal=1.0, n=100)["expr"]
+        probe.linear_probe(x, xt, y, yt, multi_label=False)
+        assert [n for n, _ in chosen] == [80] * len(probe.L2_GRID) + [100]
+        assert [l2 for _, l2 in chosen[:-1]] == list(probe.L2_GRID)
+
+    def test_random_backbone_is_the_pretraining_teachers_init(self):
+        import pretrain
+        from probe import distance_from, random_backbone
+        for patch in ("16", "8"):
+            args = _tiny_pretrain_args("toy", "unused", "--seed", "3", "--patch-size", patch)
+            torch.manual_seed(3)
+            _, teacher = pretrain.build_models(args)
+            init = random_backbone("vit_tiny", 3, patch_size=int(patch))
+            assert distance_from(teacher.backbone, init) == 0.0
+        assert distance_from(random_backbone("vit_tiny", 4, patch_size=8), init) > 0.5
+
+    def test_pixel_reference_is_the_16px_area_average(self):
+        from probe import pixel_features
+        img = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+        expected = img.float().div(255).view(2, 3, 16, 4, 16, 4).mean((3, 5)).flatten(1)
+        assert torch.allclose(pixel_features(img), expected, atol=1e-6)
+
+    def test_unreadable_images_are_skipped_and_counted(self, tmp_path, capsys):
+        from probe import load_images
+        bad, good = tmp_path / "bad.jpg", tmp_path / "good.png"
         bad.write_bytes(b"\xff\xd8\xff garbage")
+        good.write_bytes(_png((10, 20, 30), (40, 40)))
+        x, y = load_images([(str(bad), 0), (str(good), 1)], 32, "test set")
+        assert x.shape == (1, 3, 32, 32) and y.tolist() == [1]
+        assert "1 unreadable images of test set skipped" in capsys.readouterr().out
         with pytest.raises(ValueError, match="bad.jpg"):
-            features(vit.vit_tiny(), [(str(bad), 0)], 32, torch.device("cpu"))
+            load_images([(str(bad), 0)], 32, "test set")
+
+    def test_verdict_fires_on_an_untrained_teacher_not_on_a_trained_one(self):
+        from probe import Judge, verdict
+        g = torch.Generator().manual_seed(0)
+
+        def images(x):  # 48 informative numbers and 48 of loud nuisance, as (n, 3, 4, 8) 'images'
+            return torch.cat([x, 10 * torch.randn(len(x), 48, generator=g)], 1).view(-1, 3, 4, 8)
+        sets = {k: tuple(images(v) if v.ndim == 2 and v.shape[1] == 48 else v for v in s)
+                for k, s in self._sets(signal=1.5, dim=48).items()}
+
+        class Linear(torch.nn.Module):  # a 'backbone': (n, 3, 4, 8) -> (n, 48)
+            def __init__(self, weight):
+                super().__init__()
+                self.weight = torch.nn.Parameter(weight)
+
+            def forward(self, x):
+                return x.flatten(1) @ self.weight
+        untrained = Linear(torch.randn(96, 48, generator=g))
+        judge = Judge(sets, untrained, torch.device("cpu"))
+        assert verdict(judge(untrained))[0] == "not learned"
+        trained = Linear(torch.cat([torch.eye(48), torch.zeros(48, 48)]))  # reads the signal
+        scores = judge(trained)
+        state, words = verdict(scores)
+        assert state == "learned" and scores["probe_gain"] > 10, scores
+        assert f"{100 * scores['weight_change']:.1f}% from init" in words
 
     @pytest.mark.slow
-    def test_knn_probe_of_a_checkpoint(self, tiny_run, toy_root):
-        code, out, err = run_script("knn.py", "--checkpoint",
+    def test_probe_of_a_checkpoint(self, tiny_run, toy_root):
+        code, out, err = run_script("probe.py", "--checkpoint",
                                     os.path.join(tiny_run, "teacher_backbone.pth"), "--arch",
                                     "vit_tiny", "--size", "32", "--images", "40", "--data-root",
                                     toy_root)
         assert code == 0, err
-        numbers = [float(x) for x in re.findall(r"knn_(?:attr|expr) ([\d.]+)%", out)]
-        assert len(numbers) == 2 and all(0 <= x <= 100 for x in numbers), out
+        rows = {line[:40].strip(): line.split()[-4:] for line in out.splitlines()[1:-1]}
+        assert set(rows) >= {"attributes, linear, mean AUC", "expressions, linear, mean class",
+                             "verification, ROC AUC"}, out
+        assert all(0 <= float(x) <= 100 for row in rows.values() for x in row[-3:])
+        assert re.search(r"gain over random init .*: [+-][\d.]+ points", last_line(out)), out
 
 
 class TestFigures:
@@ -2358,7 +2488,7 @@ class TestScripts:
     def test_every_script_has_help(self, capsys):
         for script in ("vit.py", "crops.py", "retrieval.py", "data.py", "pretrain.py",
                        "finetune_attr.py", "finetune_expr.py", "finetune_align.py", "toyfaces.py",
-                       "bench.py", "figures.py", "knn.py"):
+                       "bench.py", "figures.py", "probe.py"):
             code, out, err = run_script(script, "--help")
             assert code == 0 and "usage" in out, script
             # a None default is explained in the option's help

@@ -9,7 +9,8 @@ The 68 iBUG landmarks come from the same geometry that draws the face. The world
 real on-disk formats (docs/formats.md), so the readers of real data read it:
 
     DIR/ms1m/         train.rec, train.idx, property: insightface RecordIO    (pretraining)
-    DIR/celeba/       img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt
+    DIR/celeba/       img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt,
+                      identity_CelebA.txt
     DIR/rafdb/        EmoLabel/list_patition_label.txt, Image/aligned/       (expressions)
     DIR/300w/         afw/, helen/, lfpw/, ibug/ with .pts landmarks         (alignment)
     DIR/arcface.onnx  a small recogniser trained on the toy identities with the ArcFace loss
@@ -447,18 +448,21 @@ def _worker_signals():
 def write_celeba(folder, n, seed, workers):
     os.makedirs(os.path.join(folder, "img_align_celeba"), exist_ok=True)
     jobs = [(seed, "celeba", i, 100000 + i // 4) for i in range(n)]  # 4 images per identity
-    rows, parts = [], []
+    rows, parts, ids = [], [], []
     for i, s in enumerate(generate(jobs, workers, "celeba"), start=1):
         name = f"{i:06d}.jpg"
         with open(os.path.join(folder, "img_align_celeba", name), "wb") as f:
             f.write(s["jpeg"])
         rows.append(name + "".join(f" {1 if a else -1:2d}" for a in s["attributes"]))
+        ids.append(f"{name} {s['identity'] - 100000 + 1}")  # CelebA numbers identities from 1
         split = (i - 1) * 10 // n  # 80% train, 10% val, 10% test, in file order as CelebA
         parts.append(f"{name} {0 if split < 8 else 1 if split < 9 else 2}")
     with open(os.path.join(folder, "list_attr_celeba.txt"), "w") as f:
         f.write(f"{n}\n{' '.join(ATTRIBUTES)} \n" + "\n".join(rows) + "\n")
     with open(os.path.join(folder, "list_eval_partition.txt"), "w") as f:
         f.write("\n".join(parts) + "\n")
+    with open(os.path.join(folder, "identity_CelebA.txt"), "w") as f:
+        f.write("\n".join(ids) + "\n")
 
 
 def write_rafdb(folder, n, seed, workers):

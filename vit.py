@@ -268,13 +268,21 @@ def extract_backbone_state(ckpt, source="state dict"):
 def load_pretrained(model, path_or_state_dict):
     """Load a ProS / DINO / DeiT / timm / MAE / MSN checkpoint into `model`.
 
-    Strips wrappers and prefixes, drops heads, resamples pos_embed to the model's grid, then loads;
-    returns (missing_keys, unexpected_keys) and prints them with what was dropped. Raises ValueError
-    naming the source when nothing matches or a shape differs (e.g. a ViT-B checkpoint into ViT-S).
+    Strips wrappers and prefixes, drops heads, adopts the checkpoint's patch size, resamples
+    pos_embed to the model's grid, then loads; returns (missing_keys, unexpected_keys) and prints
+    them with what was dropped. Raises ValueError naming the source when nothing matches or a shape
+    differs (e.g. a ViT-B checkpoint into ViT-S).
     """
     source = path_or_state_dict if isinstance(path_or_state_dict, str) else "state dict"
     ckpt = read_checkpoint(source) if isinstance(path_or_state_dict, str) else path_or_state_dict
     state, dropped = extract_backbone_state(ckpt, source)
+    kernel = state.get("patch_embed.proj.weight")
+    if kernel is not None and kernel.shape[-1] != model.patch_size:  # a ViT/8 makes a ViT/8
+        model.patch_size = kernel.shape[-1]
+        model.patch_embed = PatchEmbed(model.patch_size, model.embed_dim)
+        if "pos_embed" in state:  # and keeps its grid
+            model.pos_embed = nn.Parameter(torch.zeros_like(state["pos_embed"]))
+        print(f"{source}: patch size {model.patch_size}, the checkpoint's")
     own = model.state_dict()
     if not set(state) & set(own):
         raise ValueError(f"{source}: none of its {len(state)} tensors is a ViT backbone weight "
