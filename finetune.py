@@ -71,7 +71,7 @@ def add_common_args(p, datasets, defaults, notes=None):
     p.add_argument("--epochs", type=count, default=defaults["epochs"], help=notes["epochs"])
     p.add_argument("--batch-size", type=count, default=defaults["batch_size"],
                    help=notes["batch_size"] + "; global, split over processes; a training "
-                   "subset smaller than it is one batch")
+                   "subset smaller than it is one batch, its lr still scaled by this (MAE)")
     p.add_argument("--lr", type=above(0.0), default=defaults["lr"], help=notes["lr"])
     p.add_argument("--min-lr", type=nonneg, default=0.0,
                    help="the lr decays to this (§4.1: to zero)")
@@ -289,7 +289,7 @@ class Task:
 
     def lr_schedule(self, args, global_batch, total, steps_per_epoch):
         """step -> lr: warmup then cosine to --min-lr; --lr is for a global batch of 256 and scales
-        with the real one (the linear scaling rule of the authors' MAE scripts)."""
+        with the nominal one, global_batch (the linear scaling rule of the authors' MAE scripts)."""
         peak = args.lr * global_batch / 256
         warmup = int(args.warmup_epochs * steps_per_epoch)
         return lambda step: cosine_schedule(step, total, peak, args.min_lr, warmup)
@@ -380,7 +380,8 @@ def train_one(task, args, train_set, tests, run, ctx):
     optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
     per_process, steps_per_epoch = batch_sizes(args, len(subset), world)
     total = args.epochs * steps_per_epoch
-    lr_at = task.lr_schedule(args, per_process * world, total, steps_per_epoch)
+    # MAE's scripts scale by the nominal batch (--batch-size), also for a subset smaller than it
+    lr_at = task.lr_schedule(args, args.batch_size, total, steps_per_epoch)
     weights = train_set.weights[subset] if getattr(train_set, "weights", None) is not None else None
 
     ckpt_path = os.path.join(run_dir, "checkpoint.pth")

@@ -101,9 +101,6 @@ def get_args(argv=None):
     p.add_argument("--local-size", type=patch_multiple, default=96, help="local crop side (§3.2)")
     p.add_argument("--n-global", type=count, default=2, help="M global views (DINO's 2)")
     p.add_argument("--n-local", type=count, default=8, help="N local views (unstated; DINO's 8)")
-    p.add_argument("--blur-sigma", type=positive, nargs=2, default=(0.1, 2.0), metavar=("LO", "HI"),
-                   help="Gaussian blur's sigma range in pixels of the views (DINO, for 224 / 96 px "
-                   "views)")
     p.add_argument("--arcface", default=None, help="ONNX recogniser: enables the face-aware "
                    "retrieval (§3)")
     p.add_argument("--arcface-raw-input", action="store_true", help="the ONNX graph normalises "
@@ -585,8 +582,7 @@ def train(args, stop):
     elif rank == 0:
         print("no --arcface: local crops are uncurated (no face-aware retrieval)")
     multicrop = MultiCrop(args.global_size, args.local_size, args.n_global, args.n_local,
-                          args.n_candidates if arcface else args.n_local,
-                          sigma=tuple(args.blur_sigma))
+                          args.n_candidates if arcface else args.n_local)
     views = Views(images, multicrop, args.seed)
 
     model, teacher = build_models(args)
@@ -705,7 +701,8 @@ def train(args, stop):
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", ce=f"{stats['cross_entropy']:.3f}",
                                 H=f"{stats['mean_entropy']:.2f}", protos=f"{share:.0%}",
                                 lr=f"{now['lr']:.1e}",
-                                img_s=f"{rate:.0f}", reject=f"{reject:.0%}",
+                                img_s=f"{rate:.0f}",
+                                **({"reject": f"{reject:.0%}"} if arcface else {}),
                                 **({"state": "COLLAPSED"} if state == "collapsed" else {}))
                 tick, tick_step = time.time(), step
             if epoch_end or by_steps or checkpoint_due(saved_at, args) or stopping:

@@ -1,7 +1,7 @@
 """Frozen-feature probes: what a backbone's features know about faces, beside the same probes on a
 random-init network and on raw pixels. Nothing here trains the backbone.
 
-    python probe.py                                 # random init against raw pixels, toy world
+    python probe.py --arch vit_tiny --size 64       # random init against raw pixels, toy world
     python probe.py --checkpoint runs/pretrain/teacher_backbone.pth --arch vit_tiny --size 64
     python probe.py --checkpoint teacher_backbone.pth --attr data/celeba --expr data/rafdb
 
@@ -342,27 +342,29 @@ def main():
     p.add_argument("--images", type=at_least(10), default=4000,
                    help="at most this many images a split")
     p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
+    p.add_argument("--patch-size", type=at_least(1), default=16,
+                   help="the random inits' patch side without --checkpoint (§3.2: 16); with one, "
+                   "the checkpoint's")
     a = p.parse_args()
     if a.attr is None and a.expr is None:
         sets = toy_sets(data_root(a.data_root), a.size, a.images)
     else:
         sets = probe_sets(a.attr, a.expr, a.size, a.images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    columns = {}
-    for seed in range(a.seed, a.seed + a.seeds):
-        random_init = random_backbone(a.arch, seed).to(device)
-        columns[f"random, seed {seed}"] = run_probes(backbone_features(random_init, device), sets)
-    columns["raw pixels"] = run_probes(pixel_features, sets)
+    columns, patch = {}, a.patch_size
     if a.checkpoint:
         backbone = ARCHS[a.arch]()
         load_pretrained(backbone, a.checkpoint)
-        scores = run_probes(backbone_features(backbone.to(device), device), sets)
-        columns = {"checkpoint": scores, **columns}
+        patch = backbone.patch_size
+        columns["checkpoint"] = run_probes(backbone_features(backbone.to(device), device), sets)
+    for seed in range(a.seed, a.seed + a.seeds):
+        random_init = random_backbone(a.arch, seed, patch_size=patch).to(device)
+        columns[f"random, seed {seed}"] = run_probes(backbone_features(random_init, device), sets)
+    columns["raw pixels"] = run_probes(pixel_features, sets)
     print(table(columns))
     if a.checkpoint:
-        g = gain(scores, columns[f"random, seed {a.seed}"])
+        g = gain(columns["checkpoint"], columns[f"random, seed {a.seed}"])
         print(f"gain over random init (mean of {', '.join(HEADLINE)}): {g:+.2f} points")
-
 
 if __name__ == "__main__":
     run_cli(main)

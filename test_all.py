@@ -1898,14 +1898,30 @@ class TestFinetune:
         # figures table
         assert all(n.split(os.sep)[-1].count("-") == 2 for n in (name("x/dino-s16.pth", 0.1),))
 
-    def test_learning_rate_follows_the_real_global_batch(self):
+    def test_a_subset_smaller_than_the_batch_is_one_batch(self):
         import argparse
         from finetune import batch_sizes
         args = argparse.Namespace(batch_size=256)
-        assert batch_sizes(args, 122, 1) == (122, 1)  # RAF-DB 1%: one batch of 122, lr * 122 / 256
+        assert batch_sizes(args, 122, 1) == (122, 1)  # RAF-DB 1%: one batch of 122
         assert batch_sizes(args, 1000, 2) == (128, 3)
         with pytest.raises(ValueError, match="no image per process"):
             batch_sizes(argparse.Namespace(batch_size=2), 100, 4)
+
+    @pytest.mark.slow
+    def test_learning_rate_scales_by_the_nominal_batch(self, tmp_path, toy_root, monkeypatch):
+        """MAE's scripts scale the lr by batch size x processes whatever the data: a subset of 7
+        images trains in one batch of 7 at the lr of --batch-size 256."""
+        import finetune
+        from finetune_expr import Expressions
+        task, seen = Expressions(), []
+        schedule = task.lr_schedule
+        monkeypatch.setattr(task, "lr_schedule", lambda args, batch, *rest: seen.append(
+            batch) or schedule(args, batch, *rest))
+        finetune.main(task, ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny",
+                             "--img-size", "32", "--epochs", "1", "--batch-size", "256", "--frac",
+                             "0.1", "--workers", "0", "--runs", "1", "--out", str(tmp_path)])
+        result = json.load(open(tmp_path / "results.json"))
+        assert seen == [256] and result["n_train"] == 7
 
     @pytest.mark.slow
     def test_sigterm_during_finetuning_saves_and_resumes_to_the_same_weights(self, tmp_path,
@@ -2343,11 +2359,13 @@ class TestProbe:
                                     "vit_tiny", "--size", "32", "--images", "40", "--data-root",
                                     toy_root)
         assert code == 0, err
-        rows = {line[:40].strip(): line.split()[-4:] for line in out.splitlines()[1:-1]}
-        assert set(rows) >= {"attributes, linear, mean AUC", "expressions, linear, mean class",
-                             "verification, ROC AUC"}, out
-        assert all(0 <= float(x) <= 100 for row in rows.values() for x in row[-3:])
-        assert re.search(r"gain over random init .*: [+-][\d.]+ points", last_line(out)), out
+        header, *lines, last = out.strip().splitlines()
+        assert header.split() == ["checkpoint", "random,", "seed", "0", "raw", "pixels"], out
+        rows = {name: values for name, *values in (re.split(r"\s{2,}", l) for l in lines)}
+        assert set(rows) >= {"attributes, linear, mean AUC", "verification, ROC AUC",
+                             "expressions, linear, mean class accuracy"}, out
+        assert all(len(v) == 3 and 0 <= float(x) <= 100 for v in rows.values() for x in v), out
+        assert re.search(r"gain over random init .*: [+-][\d.]+ points", last), out
 
 
 class TestFigures:
