@@ -312,6 +312,15 @@ def augment(crops, params):
     return solarize(x, params["solarize"])
 
 
+def eval_crop(size):
+    """MAE's evaluation view, PIL -> uint8 (3, size, size): the short side resized to size / 0.875
+    (256 for 224, bicubic), then the centre crop. Fine-tuning and the probe evaluate on it."""
+    return v2.Compose([v2.PILToTensor(),
+                       v2.Resize(int(size / 0.875), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+                       v2.CenterCrop(size)])
+
+
 def normalize(views):
     """uint8 views (..., 3, H, W), or float ones in [0, 1] -> ImageNet mean/std: the same arithmetic
     as torchvision's ToDtype(scale=True) + Normalize per view, done once for the whole batch."""

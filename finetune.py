@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from crops import IMAGENET_MEAN, IMAGENET_STD, normalize
+from crops import IMAGENET_MEAN, IMAGENET_STD, eval_crop, normalize
 import data
 from data import (ArgumentParser, above, at_least, check_settings, data_root, fraction,
                   ignore_stop_signals, load_image, patch_multiple, probability, write_lines)
@@ -169,10 +169,8 @@ def train_transform(args):
 
 
 def eval_transform(img_size):
-    """Resize the short side to img_size / 0.875 (256 for 224, bicubic), centre crop (MAE's
-    eval)."""
-    t = v2.Compose([v2.PILToTensor(), v2.Resize(int(img_size / 0.875), interpolation=BICUBIC,
-                                                antialias=True), v2.CenterCrop(img_size)])
+    """MAE's evaluation view (crops.eval_crop) as an (image, target) transform."""
+    t = eval_crop(img_size)
     return lambda img, target: (t(img), target)
 
 

@@ -26,10 +26,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 from tqdm import tqdm
 
-from crops import normalize
+from crops import eval_crop, normalize
 from data import (ArgumentParser, at_least, data_root, load_image, patch_multiple,
                   read_celeba, read_celeba_identities, read_rafdb, run_cli)
 import toyfaces
@@ -57,9 +56,7 @@ NAMES = {"attr_linear_acc": "attributes, linear, mean accuracy",
 def load_images(items, size, desc):
     """(path, label) items -> (uint8 images (n, 3, size, size), labels (n, ...)); unreadable
     images are skipped, counted and said."""
-    crop = v2.Compose([v2.PILToTensor(), v2.Resize(int(size / 0.875), antialias=True,
-                                                   interpolation=v2.InterpolationMode.BICUBIC),
-                       v2.CenterCrop(size)])
+    crop = eval_crop(size)
     images, labels, skipped = [], [], 0
     for path, label in tqdm(items, desc=desc, leave=False):
         img = load_image(path)
@@ -143,7 +140,8 @@ def pixel_features(images):
 
 def centre(train, *others, scale=False):
     """Subtract `train`'s mean from every set (scale: and divide by its std, per feature)."""
-    mean, std = train.mean(0), train.std(0) + 1e-6 if scale else 1.0
+    mean = train.mean(0)
+    std = train.std(0) + 1e-6 if scale else 1.0
     return [(x - mean) / std for x in (train, *others)]
 
 
