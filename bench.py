@@ -2,7 +2,7 @@
 
     python bench.py                    # everything: ViT-S/16 at the paper's sizes, 4 images a step
     python bench.py --device cuda      # on a GPU: 64 images a step (§3.3's per-GPU batch), bf16
-    python bench.py --only step        # one section: step, retrieval, loader, pipeline
+    python bench.py --only step        # sections: step, retrieval, loader, pipeline
 
 step:      one ProS training step (teacher forward on 2 global 224 crops per image, student
            forward + backward on 8 local 96 crops per image, AdamW): images/s, peak memory and
@@ -171,8 +171,8 @@ def bench_retrieval(args, device):
         for name, path in models.items():
             batched, single = embed_rates(ArcFace(path), crops, device)
             print(f"retrieval: embed, {name}: {batched:.0f} crops/s batched vs {single:.0f} "
-                  f"crops/s one per call ({batched / single:.1f}x; {1000 / single:.2f} ms per "
-                  f"call)")
+                  f"crops/s one per call ({batched / single:.1f}x; "
+                  f"{1000 / single:.2f} ms per call)")
 
 
 # ----------------------------------------------------------------------------- the baseline loader
@@ -254,7 +254,7 @@ def bench_loader(args, device):
     batch = pretrain.to_device(collate([mc(img) for _ in range(args.batch_size)]), device)
     g, l = mc.crops(batch)
     keep = torch.arange(8, device=device).expand(args.batch_size, 8)
-    local = take(l, batch["local_params"], keep)
+    local = take(l, batch["local_params"], keep, batch["spare_params"])
     t_crops = median_time(lambda: mc.crops(batch), args, device)
     t_aug = median_time(lambda: (batch_views(g, batch["global_params"]), batch_views(*local)),
                         args, device)
@@ -285,18 +285,17 @@ def toy_pipeline(baseline, argv, device, bf16):
                              generator=torch.Generator().manual_seed(0)))
     arcface = ArcFace(pa.arcface)
     at = dict(lr=1e-4, weight_decay=0.04, momentum=0.996)
-    generator = torch.Generator().manual_seed(0)
 
     def step():
         batch = pretrain.to_device(next(loader)[0], device)
         crops = (batch["global_crops"], batch["local_crops"]) if baseline else mc.crops(batch)
-        keep, _ = pretrain.retrieve(*crops, arcface, pa, generator)
+        keep, _ = pretrain.retrieve(*crops, batch, arcface, pa)
         if baseline:  # augmented in the worker
             g = normalize(batch["global_views"])
-            l = normalize(take(batch["local_views"], {}, keep)[0])
+            l = normalize(take(batch["local_views"], {}, keep, {})[0])
         else:
             g = batch_views(crops[0], batch["global_params"])
-            l = batch_views(*take(crops[1], batch["local_params"], keep))
+            l = batch_views(*take(crops[1], batch["local_params"], keep, batch["spare_params"]))
         pretrain.training_step(model, teacher, opt, g, l, at=at, clip_grad=3.0, bf16=bf16)
     return step
 
@@ -324,8 +323,8 @@ def bench_pipeline(args, device):
 
 def main():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--only", choices=["step", "retrieval", "loader", "pipeline"], default=None,
-                   help="one section (default: all)")
+    p.add_argument("--only", nargs="+", choices=["step", "retrieval", "loader", "pipeline"],
+                   default=None, help="these sections (default: all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA "
                    "if there is one")
     p.add_argument("--batch-size", type=at_least(1), default=None, help="images per training step "
@@ -351,7 +350,7 @@ def main():
     out = {}
     for name, fn in (("step", bench_step), ("retrieval", bench_retrieval),
                      ("loader", bench_loader), ("pipeline", bench_pipeline)):
-        if args.only in (None, name):
+        if args.only is None or name in args.only:
             out[name] = fn(args, device)
     if out.get("loader"):
         ms = out["loader"]

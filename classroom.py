@@ -1,17 +1,20 @@
 """Classroom exercises: the paper's pieces, blanked in a student copy of this repository, and a
 grader.
 
-    python classroom.py list                        # the exercises, with the paper's section each
-    python classroom.py make DIR [--only NAME ...]  # DIR: a copy with those bodies blanked
-    python classroom.py grade [DIR]                 # run each exercise's checks, one process each
+    python classroom.py list                                  # the exercises, the paper's section
+    python classroom.py make DIR --answers KEY [--only NAME ...]  # DIR: the copy to hand out
+    python classroom.py grade DIR --answers KEY [--only NAME ...] # each exercise, one process each
 
-`make` records each exercise's expected outputs from this repository's code on fixed inputs, then
-copies the repository without its tests and replaces each chosen function's body (found on the
-syntax tree) by `raise NotImplementedError`, its docstring kept. The grader holds no reference
-code: it compares a student's outputs with the recorded ones and checks properties that any correct
-answer has. Each exercise is graded in a process of its own, from a pristine blanked copy with only
-that function taken from the student's file: a crash or a hang costs that exercise, a syntax error
-the exercises of its file; each exercise grades in about two seconds.
+`make` records each exercise's expected outputs from this repository's code on fixed inputs into
+the teacher's folder KEY, then copies the repository without its tests, CI and maintainer README
+into DIR, writes DIR/README.md (the exercises, what each blank must return, how it is graded) and
+replaces each chosen function's body (found on the syntax tree) by `raise NotImplementedError`, its
+docstring, which states the function's contract, kept. DIR holds no answer: hand it out as it is.
+The grader holds no reference code: it compares a student's outputs with the recorded ones and
+checks properties that any correct answer has, with a hint for the usual slips. Each exercise is
+graded in a process of its own, from a pristine blanked copy with only that function taken from
+the student's file: a crash or a hang costs that exercise, a syntax error the exercises of its
+file; each exercise grades in about two seconds.
 """
 
 import argparse
@@ -24,9 +27,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUPPORT = os.path.join(".classroom", "support")  # the blanked copy the grader imports from
-EXPECTED = os.path.join(".classroom", "expected.pt")
+EXPECTED = "expected.pt"  # in the teacher's --answers folder
 NOT_COPIED = {".git", ".classroom", "runs", "data", "__pycache__", ".pytest_cache", "test_all.py",
-              "scripts", "docs",}
+              "scripts", "docs", ".ci", "README.md", "pytest.ini", ".benchmarks"}
 
 
 # ----------------------------------------------------------------------------- the exercises
@@ -59,7 +62,7 @@ def close(a, b, what, tol=1e-5):
     if a.shape != b.shape:
         return f"{what}: shape {tuple(a.shape)}, expected {tuple(b.shape)}"
     err = (a - b).abs().max().item() if a.numel() else 0.0
-    return None if err <= tol else f"{what} differs from the expected values by up to {err:.4g}"
+    return None if err <= tol else f"{what}: up to {err:.4g} from the expected values"
 
 
 class Attention(Exercise):
@@ -80,9 +83,11 @@ class Attention(Exercise):
         a = out["attn"]
         if a.shape == exp["attn"].shape and not a.sum(-1).sub(1).abs().max() < 1e-4:
             return "attention rows do not sum to 1: softmax over the keys (last dim)?"
-        return close(out["attn"], exp["attn"], "attention maps") or close(
-            out["out"], exp["out"], "output"
-        )
+        problem = close(out["attn"], exp["attn"], "the attention maps")
+        if problem:
+            return (problem + "; qkv's last dim holds q, then k, then v, each split into heads "
+                    "(the docstring's layout)?")
+        return close(out["out"], exp["out"], "the output")
 
 
 class PosEmbed(Exercise):
@@ -140,7 +145,7 @@ class MultiCropSample(Exercise):
 
 
 class Select(Exercise):
-    CASES = {  # name: (similarities of 6 candidates to both globals, N)
+    CASES = {  # name: (similarities of 6 candidates to the globals, N)
         "all pass": ([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], 4),
         "two fail": ([0.9, -0.9, 0.7, -0.8, 0.5, 0.4], 4),
         "too few pass": ([0.9, -0.9, -0.7, -0.8, -0.6, 0.4], 4),
@@ -150,49 +155,36 @@ class Select(Exercise):
     def inputs(self):
         import torch
 
-        cases = {}
-        for name, (sims, n) in self.CASES.items():
-            # unit vectors at angle arccos(s) from the globals' shared direction
-            s = torch.tensor(sims, dtype=torch.float64)
-            local = torch.stack([s, (1 - s**2).clamp_min(0).sqrt()], 1).float()
-            cases[name] = (torch.tensor([[1.0, 0.0], [1.0, 0.0]]), local, n)
-        return cases
+        g = torch.Generator().manual_seed(0)
+        return {name: (torch.tensor(sims), n, torch.rand(6, generator=g),
+                       torch.rand(n, generator=g)) for name, (sims, n) in self.CASES.items()}
 
     def run(self, fn, inp):
-        import torch
-
-        out = {}
-        for name, (g, l, n) in inp.items():
-            idx, stats = fn(g, l, n, -0.5, torch.Generator().manual_seed(0))
-            out[name] = dict(indices=[int(i) for i in idx], stats=stats)
-        return out
+        return {name: [int(i) for i in fn(sim, n, -0.5, priority, draw)]
+                for name, (sim, n, priority, draw) in inp.items()}
 
     def check(self, out, exp):
         for name, (sims, n) in self.CASES.items():
             got, want = out[name], exp[name]
             passing = {i for i, s in enumerate(sims) if s >= -0.5}
-            if len(got["indices"]) != n:
-                return f"{name}: {len(got['indices'])} views kept, expected N = {n}"
-            if got["stats"] != want["stats"]:
-                reversed_ = (
-                    got["stats"].get("rejected")
-                    == want["stats"]["candidates"] - want["stats"]["rejected"]
-                )
-                return f"{name}: counts {got['stats']}, expected {want['stats']}" + (
-                    "; the comparison with theta reversed?" if reversed_ else ""
-                )
-            if passing and not set(got["indices"]) <= passing:
-                kept = sorted(set(got["indices"]) - passing)
-                return (
-                    f"{name}: kept candidates {kept} whose similarity is below theta: the "
-                    "comparison "
-                    "reversed?"
-                )
-            if passing and len(passing) >= n and len(set(got["indices"])) != n:
+            if len(got) != n:
+                return f"{name}: {len(got)} views kept, expected N = {n}"
+            if passing and not set(got) <= passing:
+                kept = sorted(set(got) - passing)
+                return (f"{name}: kept candidates {kept} whose similarity is below theta: the "
+                        "comparison reversed?")
+            if len(passing) >= n and len(set(got)) != n:
                 return f"{name}: a candidate kept twice while enough pass"
-            if not passing and sorted(got["indices"]) != sorted(want["indices"]):
-                return (f"{name}: kept {got['indices']}, expected the {n} most similar "
-                        f"{want['indices']}")
+            if not passing and sorted(got) != sorted(want):
+                return f"{name}: kept {got}, expected the {n} most similar {want}"
+            most_similar = sorted(range(len(sims)), key=lambda i: -sims[i])[:n]
+            if passing and got != want and got == most_similar:
+                return (f"{name}: kept the {n} most similar {got}, the rule for when none passes, "
+                        f"while {len(passing)} pass: the comparison with theta reversed?")
+            if got != want:
+                return (f"{name}: kept {got}, expected {want} (passing candidates in the order "
+                        "of their priority, then slot j takes number floor(draw_j * passing) "
+                        "of them again)")
         return None
 
 
@@ -225,6 +217,10 @@ class Distillation(Exercise):
         )
 
     def check(self, out, exp):
+        if out["me"].numel() == 1 and out["me"] < exp["me"] - 1e-4:
+            return (f"mean entropy {out['me'].item():.4f}, expected {exp['me'].item():.4f}: "
+                    "below it, as the mean of the per-view entropies is; Eq. 4 takes the entropy "
+                    "of the mean prediction over all B x N local views")
         if close(out["loss"], exp["ce"] + exp["me"], "") is None:
             return (
                 f"loss differs from the expected {exp['loss'].item():.4f} by "
@@ -327,24 +323,23 @@ class LayerDecay(Exercise):
         return None
 
 
-class DecodeHeatmaps(Exercise):
+class SoftArgmax(Exercise):
     def inputs(self):
         import torch
         from finetune_align import gaussian_heatmaps
 
+        torch.manual_seed(0)
         points = torch.tensor(
             [[[10.3, 20.7], [31.6, 12.2], [50.4, 40.0], [47.25, 47.75]]]
         )  # inside
-        return dict(points=points, heat=gaussian_heatmaps(points, 64, 1.5))
+        background = 0.01 * torch.rand(1, 4, 64, 64)  # the whole map counts, not the peak alone
+        return dict(heat=gaussian_heatmaps(points, 64, 5.0) + background)
 
     def run(self, fn, inp):
-        return dict(decoded=fn(inp["heat"], 1.5), points=inp["points"])
-
-    def record(self, out):
-        return dict(points=out["points"])
+        return fn(inp["heat"])
 
     def check(self, out, exp):
-        return close(out["decoded"], exp["points"], "decoded positions (pixels)", tol=0.1)
+        return close(out, exp, "decoded positions (heat-map pixels, x then y)", tol=1e-4)
 
 
 class Nme(Exercise):
@@ -376,11 +371,8 @@ class MeanClassAccuracy(Exercise):
     def check(self, out, exp):
         for key in ("accuracy", "mean_class_accuracy"):
             if abs(out[key] - exp[key]) > 1e-6:
-                return (
-                    f"{key} {out[key]:.2f}, expected {exp[key]:.2f} (in %; a class with no test "
-                    "image "
-                    "does not count)"
-                )
+                return (f"{key} {out[key]:.2f}, expected {exp[key]:.2f} (in %; a class with no "
+                        "test image does not count)")
         return (None if out["confusion"] == exp["confusion"]
                 else "the confusion matrix (rows: true class)")
 
@@ -418,8 +410,10 @@ EXERCISES = [
         "§4.1",
         "layer-wise lr decay and no weight decay on biases, norms, pos_embed, cls_token",
     ),
-    DecodeHeatmaps(
-        "finetune_align.decode_heatmaps", "§4.1", "sub-pixel landmark positions from heat-maps"
+    SoftArgmax(
+        "finetune_align.soft_argmax",
+        "§4.1",
+        "landmark positions from heat-maps: each map's centre of mass (FaRL's heatmap2points)",
     ),
     Nme("finetune_align.nme", "§4.1", "normalised mean error by the inter-ocular distance"),
     MeanClassAccuracy(
@@ -507,11 +501,17 @@ def copy_tree(dst):
     shutil.copytree(HERE, dst, ignore=ignore, dirs_exist_ok=True)
 
 
-def make(dst, names):
+def make(dst, answers, names):
+    """The student copy in dst, the expected outputs in the teacher's folder `answers`."""
     import torch
 
-    if os.path.exists(dst) and os.listdir(dst):
-        raise SystemExit(f"error: {dst} exists and is not empty: choose a new folder")
+    for folder, what in ((dst, "the copy"), (answers, "--answers")):
+        if os.path.exists(folder) and os.listdir(folder):
+            raise SystemExit(f"error: {folder} ({what}) exists and is not empty: choose a new "
+                             f"folder")
+    if os.path.abspath(answers).startswith(os.path.abspath(dst) + os.sep):
+        raise SystemExit(f"error: --answers {answers} is inside the copy {dst}: the answers stay "
+                         f"with the teacher")
     expected = record_expected(names)
     copy_tree(dst)
     by_file = {}
@@ -526,8 +526,36 @@ def make(dst, names):
     copy_tree(os.path.join(dst, SUPPORT))
     for file in by_file:
         shutil.copy(os.path.join(dst, file), os.path.join(dst, SUPPORT, file))
-    torch.save(dict(names=names, expected=expected), os.path.join(dst, EXPECTED))
-    print(f"{dst}: {len(names)} exercises blanked; grade with: python classroom.py grade {dst}")
+    with open(os.path.join(dst, "README.md"), "w") as f:
+        f.write(student_readme(names))
+    os.makedirs(answers, exist_ok=True)
+    torch.save(dict(names=names, expected=expected), os.path.join(answers, EXPECTED))
+    print(f"{dst}: {len(names)} exercises blanked, README.md says what each must do; the answers "
+          f"are in {answers}; grade with: python classroom.py grade {dst} --answers {answers}")
+
+
+def student_readme(names):
+    """The student copy's README: the exercises, where each is, how it is graded."""
+    rows = "\n".join(f"| `{BY_NAME[n].name}` | `{BY_NAME[n].file}` | {BY_NAME[n].paper} | "
+                      f"{BY_NAME[n].task} |" for n in names)
+    return f"""# ProS, the exercises
+
+This is the ProS reference implementation ("ProS: Facial Omni-Representation Learning via
+Prototype-based Self-Distillation") with {len(names)} of its functions left for you to write. Each
+blank keeps its docstring: it says what the function takes and returns, with shapes and layouts,
+and any implementation that keeps that contract passes. Until you write it, a blank raises
+`NotImplementedError` naming itself.
+
+| function | file | paper | what it does |
+|---|---|---|---|
+{rows}
+
+Set up with `pip install -r requirements.txt`; `python FILE.py --help` says what each file does,
+and the files run on a built-in world of toy faces once your functions work (`python toyfaces.py`
+draws it). Your teacher grades the copy with `python classroom.py grade DIR --answers KEY`, one
+process per exercise, each about two seconds; `--only NAME` grades one. A failed exercise says
+what differed, often with a hint.
+"""
 
 
 # ----------------------------------------------------------------------------- grade
@@ -548,14 +576,14 @@ def student_function(folder, exercise, module):
     return namespace[node.name]
 
 
-def check_one(folder, name):
+def check_one(folder, answers, name):
     """Grade one exercise in this process; returns (passed, message)."""
     import importlib
     import torch
 
     sys.path.insert(0, os.path.join(folder, SUPPORT))
     ex = BY_NAME[name]
-    expected = torch.load(os.path.join(folder, EXPECTED), weights_only=True)["expected"][name]
+    expected = torch.load(os.path.join(answers, EXPECTED), weights_only=True)["expected"][name]
     module = importlib.import_module(ex.file[:-3])
     fn = student_function(folder, ex, module)
     owner, attr = resolve(module, ".".join(name.split(".")[1:]))
@@ -565,30 +593,36 @@ def check_one(folder, name):
     return problem is None, problem or "ok"
 
 
-def child(folder, name, conn):
+def child(folder, answers, name, conn):
     """A grading process: one exercise, its verdict (or the error it raised) sent back."""
     import torch
 
     torch.set_num_threads(1)  # a forked process cannot use the parent's OpenMP threads: run inline
     try:
-        conn.send(check_one(folder, name))
+        conn.send(check_one(folder, answers, name))
     except (
         BaseException
     ) as e:  # the student's code may raise anything: it is that exercise's verdict
         conn.send((False, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
 
 
-def grade(folder, timeout=60):
-    """Each exercise in its own process (forked: torch is imported once); a table, the count."""
+def grade(folder, answers, only=None, timeout=60):
+    """Each exercise (or those in `only`) in its own process (forked: torch is imported once); a
+    table, the count."""
     import multiprocessing
     import torch
 
-    names = torch.load(os.path.join(folder, EXPECTED), weights_only=True)["names"]
+    names = torch.load(os.path.join(answers, EXPECTED), weights_only=True)["names"]
+    missing = sorted(set(only or ()) - set(names))
+    if missing:
+        raise SystemExit(f"error: --only {missing[0]}: not an exercise of this copy "
+                         f"({', '.join(names)})")
+    names = [n for n in names if not only or n in only]
     ctx = multiprocessing.get_context("fork")
     rows, start = [], time.time()
     for name in names:
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=child, args=(folder, name, send))
+        proc = ctx.Process(target=child, args=(folder, answers, name, send))
         proc.start()
         proc.join(timeout)
         if proc.is_alive():
@@ -615,22 +649,29 @@ def main():
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the exercises")
     m = sub.add_parser("make", help="a student copy with the exercises blanked")
-    m.add_argument("dir")
+    m.add_argument("dir", help="the student copy, to hand out")
+    m.add_argument("--answers", required=True,
+                   help="the teacher's folder for the expected outputs, outside the copy")
     m.add_argument("--only", nargs="+", choices=list(BY_NAME), default=None,
                    help="these exercises (default: all)")
     g = sub.add_parser("grade", help="grade a student copy")
     g.add_argument("dir", nargs="?", default=".", help="the copy (default: here)")
+    g.add_argument("--answers", required=True, help="the folder `make --answers` wrote")
+    g.add_argument("--only", nargs="+", default=None, help="grade these exercises alone")
     a = p.parse_args()
     if a.command == "list":
         width = max(len(e.name) for e in EXERCISES)
         for e in EXERCISES:
             print(f"{e.name:<{width}}  {e.paper:<11} {e.task}")
     elif a.command == "make":
-        make(a.dir, a.only or list(BY_NAME))
+        make(a.dir, a.answers, a.only or list(BY_NAME))
     elif a.command == "grade":
-        if not os.path.exists(os.path.join(a.dir, EXPECTED)):
+        if not os.path.exists(os.path.join(a.answers, EXPECTED)):
+            raise SystemExit(f"error: --answers {a.answers}: no {EXPECTED} ('python classroom.py "
+                             f"make DIR --answers KEY' writes it)")
+        if not os.path.isdir(os.path.join(a.dir, SUPPORT)):
             raise SystemExit(f"error: {a.dir}: not a copy made by 'python classroom.py make'")
-        rows = grade(a.dir)
+        rows = grade(a.dir, a.answers, a.only)
         sys.exit(0 if all(passed for _, passed, _ in rows) else 1)
 
 

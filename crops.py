@@ -2,6 +2,7 @@
 augmentations.
 
     python crops.py face.jpg --out views.png     # global views on top, local candidates below
+    python crops.py                              # the same for the toy world's first face
 
 The teacher sees the M global views (224px), the student the N local views (96px). With the
 face-aware retrieval (retrieval.py) we cut C >= N local candidates and keep N of them per image in
@@ -9,8 +10,8 @@ the training step. The paper's order is crop, retrieve, augment, and the work sp
 
 - a DataLoader worker, per image (`MultiCrop.__call__`): decode, draw the crop boxes and every
   view's augmentation parameters from the sample's seeded RNG (`draw`), and ship the image as uint8;
-- the training step, per batch on the training device: the crops are cut (`resized_crops`, PIL's
-  bicubic resize bit for bit), the recogniser looks at them, the kept views are augmented
+- the training step, per batch on the training device: the crops are cut (`resized_crops`, all
+  boxes at once in fp32), the recogniser looks at them, the kept views are augmented
   (`augment`, DINO's recipe as batched tensor operations, one short function per operation) and
   normalised (`normalize`).
 
@@ -23,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import default_collate
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from data import ArgumentParser, at_least, load_image, to_rgb
+from data import ArgumentParser, at_least, load_image, run_cli, to_rgb, toy_faces
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -49,7 +51,8 @@ class MultiCrop:
                  solarize_p=0.2, sigma=(0.1, 2.0)):
         self.global_size, self.local_size, self.n_global = global_size, local_size, n_global
         # C >= N candidates; C == N when nothing is filtered
-        self.n_candidates = n_candidates or n_local
+        self.n_candidates, self.n_local = n_candidates or n_local, n_local
+        self.retrieval = n_candidates is not None
         if self.n_candidates < n_local:
             raise ValueError(f"n_candidates ({self.n_candidates}) must be >= n_local ({n_local})")
         self.global_scale, self.local_scale = global_scale, local_scale
@@ -85,101 +88,87 @@ class MultiCrop:
                     solarize=coin[:, 4] < cycle(solarize_p, n))
 
     def __call__(self, img):
-        """A DataLoader worker's output for one image: the image (3, H, W) uint8, the crop boxes,
-        global (M, 4) and local candidates (C, 4), and the parameters that `augment` applies to
-        each view. The training step cuts the crops (`crops`)."""
-        img = to_rgb(img)
+        """A DataLoader worker's output for one image: the image (3, H, W) uint8, its shorter side
+        at most twice the global crop's (`shrink`), the crop boxes, global (M, 4) and local
+        candidates (C, 4), and the parameters that `augment` applies to each view (with the
+        retrieval, its random numbers too: `selection`). The training step cuts the crops
+        (`crops`)."""
+        img = shrink(to_rgb(img), 2 * self.global_size)
         return dict(image=TF.pil_to_tensor(img),
                     global_boxes=self.boxes(img, self.n_global, self.global_scale),
                     local_boxes=self.boxes(img, self.n_candidates, self.local_scale),
                     global_params=self.draw(self.n_global, self.global_blur_p,
                                             self.global_solarize_p),
                     local_params=self.draw(self.n_candidates, self.local_blur_p,
-                                           self.local_solarize_p))
+                                           self.local_solarize_p),
+                    **(self.selection() if self.retrieval else {}))
+
+    def selection(self):
+        """The retrieval's random numbers for one image (retrieval.select): a priority per
+        candidate (C,), a draw per local slot (N,), and spare augmentation parameters for the N
+        slots, which a candidate kept again takes (always colour-jittered: no two views the
+        same)."""
+        spare = self.draw(self.n_local, self.local_blur_p, self.local_solarize_p)
+        spare["jitter"][:] = True
+        return dict(priority=torch.rand(self.n_candidates), reuse=torch.rand(self.n_local),
+                    spare_params=spare)
 
     def crops(self, batch):
         """The raw crops of a collated batch, where the batch is: global (B, M, 3, G, G) and local
         candidates (B, C, 3, L, L), uint8."""
-        return tuple(resized_crops(batch["image"], batch["size"], batch[f"{k}_boxes"], size)
+        return tuple(resized_crops(batch["image"], batch[f"{k}_boxes"], size)
                      for k, size in (("global", self.global_size), ("local", self.local_size)))
 
     def sample(self, img):
-        """The raw crops of one image as PIL images: (M global, C local candidates)."""
+        """The raw crops of one image, not augmented: (M global crops of global_size, C local
+        candidates of local_size), RGB PIL images, cut from this MultiCrop's draw for the image
+        (`__call__`) by `crops`."""
         return tuple([TF.to_pil_image(c) for c in crops[0]]
                      for crops in self.crops(collate([self(img)])))
 
 
+def shrink(img, side):
+    """An image whose shorter side exceeds `side`, resized to it (antialiased): the crops lose
+    nothing that a global view can show, and a batch of photos travels and is cut at a face
+    dataset's cost."""
+    short = min(img.size)
+    if short <= side:
+        return img
+    return img.resize((round(img.width * side / short), round(img.height * side / short)),
+                      Image.BICUBIC, reducing_gap=3.0)
+
+
 def collate(samples):
-    """Workers' outputs -> a batch: default_collate, with the images zero-padded to the largest
-    (no box reaches the padding) and their sizes (B, 2) as (height, width)."""
+    """Workers' outputs -> a batch: default_collate, with the images padded to the largest by
+    repeating their last row and column (a box's samples near the border read the border)."""
     H, W = (max(s["image"].shape[d] for s in samples) for d in (1, 2))
-    images = torch.zeros(len(samples), 3, H, W, dtype=torch.uint8)
+    images = torch.empty(len(samples), 3, H, W, dtype=torch.uint8)
     for image, s in zip(images, samples):
-        image[:, :s["image"].shape[1], :s["image"].shape[2]] = s["image"]
+        h, w = s["image"].shape[1:]
+        image[:, :h, :w] = s["image"]
+        image[:, h:, :w] = s["image"][:, -1:]
+        image[:, :, w:] = image[:, :, w - 1:w]
     rest = default_collate([{k: v for k, v in s.items() if k != "image"} for s in samples])
-    return dict(image=images, size=torch.tensor([s["image"].shape[1:] for s in samples]), **rest)
+    return dict(image=images, **rest)
 
 
 # ------------------------------------------------------------------------ per batch (device): crops
-# The crops: DINO's RandomResizedCrop resizes each box with PIL's bicubic filter, in two separable
-# passes (across, then down), each a matrix of fixed-point coefficients whose sums are rounded to
-# uint8 levels (libImaging/Resample.c). Here each pass is one batched matrix product in float64,
-# whose integers are exact: each pass equals PIL's bit for bit, and so does the crop where PIL runs
-# the passes in this order, as it does on the toy faces and on 218 x 178 ones (test_all.py,
-# TestCrops). Newer Pillow releases choose the order per box; these crops do not depend on the
-# installed Pillow. Images travel whole, so the transfer and the matrices grow with their size:
-# face datasets (MS1M's 112 px, 256 px synthetic faces) are cheap; resize large photos first.
+# DINO's RandomResizedCrop resizes one box at a time with PIL's bicubic filter. Here roi_align cuts
+# every box of the batch in one call, in fp32: each output pixel averages bilinear samples spread
+# over its own area (about one per input pixel covered), so a shrunk crop is antialiased and an
+# enlarged one bilinear. The crops differ from PIL's by the interpolation alone (test_all.py,
+# TestCrops). Images travel whole: resize large photos first.
 
-PRECISION = 2 ** 22  # Resample.c: 22 fractional bits for the coefficients
-
-
-def bicubic(x):
-    """PIL's bicubic kernel (a = -0.5), its arithmetic in its order."""
-    x = x.abs()
-    return torch.where(x < 1, (1.5 * x - 2.5) * x * x + 1,
-                       torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0))
-
-
-def resize_matrix(start, length, size, n_in, n_out):
-    """PIL's coefficients (n, n_out, n_in), fixed point, that resize the span [start, start +
-    length) of an axis `size` long to n_out samples; start, length, size: (n,). Indices from size
-    to n_in (the padding) get none."""
-    start, length, size = (t.double()[:, None, None] for t in (start, length, size))
-    scale = length / n_out
-    stretch = scale.clamp(min=1)  # shrinking widens the kernel (antialiasing)
-    support = 2 * stretch
-    out = torch.arange(n_out, dtype=torch.float64, device=start.device)[:, None]
-    center = start + (out + 0.5) * scale  # (n, n_out, 1)
-    # each output's window of taps, [first, last) within the axis
-    first = (center - support + 0.5).trunc().clamp(min=0)
-    last = torch.minimum((center + support + 0.5).trunc(), size)
-    taps = int(support.max().ceil()) * 2 + 1
-    j = first + torch.arange(taps, dtype=torch.float64, device=start.device)  # (n, n_out, taps)
-    w = torch.where(j < last, bicubic((j - center + 0.5) * (1 / stretch)), 0.0)
-    w = w / w.sum(-1, keepdim=True) * PRECISION
-    w = (w.abs() + 0.5).floor().copysign(w)  # rounded half away from zero, as Resample.c
-    matrix = torch.zeros(len(start), n_out, n_in, dtype=torch.float64, device=start.device)
-    return matrix.scatter_add_(2, j.long().clamp(max=n_in - 1), w)
-
-
-def to_levels(x):
-    """A fixed-point pass's sums -> uint8 levels, in place: add a half, shift, clip (Resample.c's
-    clip8)."""
-    return x.add_(PRECISION // 2).mul_(1 / PRECISION).floor_().clamp_(0, 255)
-
-
-def resized_crops(images, sizes, boxes, n_out):
-    """uint8 images (B, 3, H, W), zero-padded, their sizes (B, 2) as (height, width) and boxes
-    (B, n, 4) as (top, left, height, width) -> crops (B, n, 3, n_out, n_out) uint8: each box
-    resized by PIL's bicubic passes (img.resize((n_out, n_out), BICUBIC, box)), on the images'
-    device."""
-    (B, n), (H, W) = boxes.shape[:2], images.shape[-2:]
-    top, left, h, w = boxes.flatten(0, 1).unbind(1)
-    height, width = sizes.repeat_interleave(n, 0).unbind(1)
-    rows = resize_matrix(top, h, height, H, n_out).view(B, n, n_out, H)
-    cols = resize_matrix(left, w, width, W, n_out).view(B, n, n_out, W)
-    x = to_levels(torch.einsum("bchw,bnxw->bnchx", images.double(), cols))  # across, first
-    return to_levels(torch.einsum("bnyh,bnchx->bncyx", rows, x)).to(torch.uint8)
+def resized_crops(images, boxes, n_out):
+    """uint8 images (B, 3, H, W) padded as `collate` pads them, and boxes (B, n, 4) as (top, left,
+    height, width) -> crops (B, n, 3, n_out, n_out) uint8, on the images' device."""
+    B, n = boxes.shape[:2]
+    top, left, h, w = boxes.to(images.device, torch.float32).unbind(-1)  # (B, n) each
+    image = torch.arange(B, device=images.device, dtype=torch.float32)[:, None].expand(B, n)
+    rois = torch.stack([image, left, top, left + w, top + h], -1).flatten(0, 1)  # (B * n, 5)
+    # aligned: a box's edges are pixel edges; sampling_ratio 0: ceil(box / n_out) samples a side
+    crops = roi_align(images.float(), rois, n_out, sampling_ratio=0, aligned=True)
+    return crops.round_().clamp_(0, 255).to(torch.uint8).view(B, n, 3, n_out, n_out)
 
 
 # ----------------------------------------------------------------- per batch (device): augmentation
@@ -336,34 +325,45 @@ def batch_views(crops, params):
     return normalize(x).view(B, V, *x.shape[1:])
 
 
-def take(crops, params, idx):
-    """Views idx (B, N) of each image: the crops (B, N, ...) and their parameters."""
+def take(crops, params, idx, spare):
+    """Views idx (B, N) of each image: the crops (B, N, ...) and their parameters. A candidate kept
+    a second time in a row takes that slot's spare parameters (MultiCrop.spare) instead of its own:
+    the same crop, another view."""
     rows = torch.arange(len(idx), device=idx.device)[:, None]
-    return crops[rows, idx], {k: p[rows, idx] for k, p in params.items()}
+    again = (idx[:, :, None] == idx[:, None, :]).tril(-1).any(-1)  # (B, N): kept earlier in the row
+    return crops[rows, idx], {k: torch.where(again.view(*again.shape, *[1] * (p.ndim - 2)),
+                                             spare[k], p[rows, idx]) for k, p in params.items()}
 
 
-def contact_sheet(rows, tile=96, pad=4, boxes=None, captions=None):
+def contact_sheet(rows, tile=96, pad=4, boxes=None, captions=None, labels=None):
     """Rows of PIL images -> one PIL sheet; a None tile is left blank. boxes[r][c] = colour of a
-    frame around tile (r, c) or None; captions[r][c] = text written on it."""
-    width = max(len(r) for r in rows) * (tile + pad) + pad
+    frame around tile (r, c) or None; captions[r][c] = text on a black band along the tile's top;
+    labels[r] = text left of row r."""
+    left = 8 + 7 * max(map(len, labels)) if labels else 0  # ~7 px a character
+    width = left + max(len(r) for r in rows) * (tile + pad) + pad
     sheet = Image.new("RGB", (width, len(rows) * (tile + pad) + pad), (255, 255, 255))
     d = ImageDraw.Draw(sheet)
     for i, row in enumerate(rows):
+        y = pad + i * (tile + pad)
+        if labels:
+            d.text((4, y + tile // 2 - 6), labels[i], fill=(0, 0, 0))
         for j, im in enumerate(row):
             if im is None:
                 continue
-            x, y = pad + j * (tile + pad), pad + i * (tile + pad)
+            x = left + pad + j * (tile + pad)
             sheet.paste(im.convert("RGB").resize((tile, tile)), (x, y))
+            if captions and captions[i][j]:
+                d.rectangle([x, y, x + tile - 1, y + 13], fill=(0, 0, 0))
+                d.text((x + 3, y + 1), captions[i][j], fill=(255, 255, 255))
             if boxes and boxes[i][j]:
                 d.rectangle([x, y, x + tile - 1, y + tile - 1], outline=boxes[i][j], width=3)
-            if captions and captions[i][j]:
-                d.text((x + 4, y + 2), captions[i][j], fill=(255, 0, 0))
     return sheet
 
 
 def main():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("image", help="a face image")
+    p.add_argument("image", nargs="?", default=None,
+                   help="a face image (default: the toy world's first face)")
     p.add_argument("--out", default="views.png", help="the contact sheet (PNG)")
     p.add_argument("--global-size", type=at_least(1), default=224, help="global crop side (§3.2)")
     p.add_argument("--local-size", type=at_least(1), default=96, help="local crop side (§3.2)")
@@ -371,9 +371,10 @@ def main():
                    help="local crops N (unstated; DINO's 8)")
     p.add_argument("--seed", type=int, default=0, help="crop sampling")
     a = p.parse_args()
+    a.image = a.image or toy_faces(1)[0]
     img = load_image(a.image)
     if img is None:
-        raise SystemExit(f"error: {a.image}: not a readable image")
+        raise ValueError(f"{a.image}: not a readable image")
     torch.manual_seed(a.seed)
     # the training step's views: the worker's boxes and parameters, cut and augmented as a batch
     # of one
@@ -386,4 +387,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

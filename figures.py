@@ -10,7 +10,10 @@ Images default to a few of the toy world's; pass --images to use your own. matpl
 here only, for the curves and the 2-D prototype layout.
 """
 import argparse
+import contextlib
+import io
 import json
+import math
 import os
 
 import numpy as np
@@ -84,11 +87,11 @@ def fig5(args):
     ckpt = vit.read_checkpoint(args.checkpoint)
     if not (isinstance(ckpt, dict) and {"args", "student", "teacher"} <= ckpt.keys()):
         raise ValueError(f"{args.checkpoint}: not pretrain.py's checkpoint.pth (Fig. 5 needs its "
-                         f"prototypes and "
-                         "projector; teacher_backbone.pth holds the ViT alone)")
+                         f"prototypes and projector; teacher_backbone.pth holds the ViT alone)")
     run_args = ckpt["args"]
     backbone = vit.ARCHS[run_args["arch"]]()
-    vit.load_pretrained(backbone, ckpt)
+    with contextlib.redirect_stdout(io.StringIO()):  # the projector's keys go to the head below
+        vit.load_pretrained(backbone, ckpt)
     from loss import ProjectionHead
     head = ProjectionHead(backbone.embed_dim, run_args["out_dim"],
                           batch_norm=run_args.get("projector_bn", False)).eval()
@@ -109,15 +112,16 @@ def fig5(args):
     feats = torch.cat(feats)
     sim = prototypes @ feats.T  # (K, n)
     used = sim.argmax(0).unique()  # prototypes that are some image's best match: the ones in use
-    nearest = sim.argmax(1)  # each prototype's nearest training image (§4.4)
-    xy, method = layout_2d(prototypes.numpy())
+    nearest = sim[used].argmax(1)  # each one's nearest training image (§4.4)
+    xy, method = layout_2d(prototypes[used].numpy())
     canvas, tile = args.canvas, 32
     xy = (xy - xy.min(0)) / np.maximum(xy.max(0) - xy.min(0), 1e-9) * (canvas - tile)
     out = Image.new("RGB", (canvas, canvas + 20), (255, 255, 255))
     for (x, y), j in zip(xy, nearest.tolist()):
         out.paste(pool[j].resize((tile, tile)), (int(x), int(y) + 20))
-    ImageDraw.Draw(out).text((4, 4), f"{len(used)} of {len(prototypes)} prototypes in use, "
-                             f"{method}", fill=(0, 0, 0))
+    ImageDraw.Draw(out).text((4, 4), f"the {len(used)} of {len(prototypes)} prototypes in use "
+                             f"(some image's best match), each as its nearest image; {method}",
+                             fill=(0, 0, 0))
     print(f"fig5: {len(used)} prototypes used by {len(pool)} images; layout by {method}")
     return out
 
@@ -169,13 +173,31 @@ def fig6(args):
             row += heads
         header += [f"({chr(ord('a') + i)}) {h + 1}" for h in range(len(maps[0]))]
     captions = [header] + [[None] * len(row) for row in rows[1:]]
-    return contact_sheet(rows, tile=args.size, captions=captions)
+    sheet = contact_sheet(rows, tile=max(112, args.size), captions=captions,
+                          labels=[f"image {k + 1}" for k in range(len(rows))])
+    models = [args.checkpoint] + (args.finetuned or [])
+    legend = ["the last block's attention from the cls token, one tile a head (a number):"] + [
+        f"({chr(ord('a') + i)}) {'pretrained' if i == 0 else 'fine-tuned'}: {path}"
+        for i, path in enumerate(models)]
+    out = Image.new("RGB", (sheet.width, sheet.height + 16 * len(legend) + 8), (255, 255, 255))
+    out.paste(sheet, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for k, line in enumerate(legend):
+        draw.text((8, sheet.height + 4 + 16 * k), line, fill=(0, 0, 0))
+    return out
 
 
 # ----------------------------------------------------------------------------- curves
 
+CURVES = {"loss": "loss (Eq. 2: ce - H)", "cross_entropy": "cross-entropy ce (Eq. 3)",
+          "mean_entropy": "mean entropy H (Eq. 4)",
+          "prototype_share": "share of the reachable prototypes\nthe teacher predicts",
+          "reject_rate": "candidates rejected (theta)"}
+
+
 def curves(args):
-    """Loss, cross-entropy, mean entropy and reject rate against the step."""
+    """The training curves of log.jsonl against the step, each titled by what it is; ln K drawn on
+    the entropy (its ceiling) and the collapse line on the prototype share."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -183,34 +205,64 @@ def curves(args):
     with open(args.log) as f:
         for line in filter(str.strip, f):
             try:
-                log.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:  # a line cut short when a run was killed mid-write
                 unreadable += 1
-    keys = [k for k in ("loss", "cross_entropy", "mean_entropy", "reject_rate")
-            if any(k in r for r in log)]
+                continue
+            if "loss" in row:  # a training row (probe rows carry other keys)
+                log.append(row)
+    keys = [k for k in CURVES if any(k in r for r in log)
+            and not (k == "reject_rate" and not any(r[k] for r in log))]
     if not keys:
         raise ValueError(f"{args.log}: no training rows (expected pretrain.py's log.jsonl)")
     if unreadable:
         print(f"curves: skipped {unreadable} unreadable line(s) of {args.log}")
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    n_prototypes = run_prototypes(args.log)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.0))
     for ax, k in zip(np.atleast_1d(axes), keys):
-        pts = [(r["step"], r[k]) for r in log if k in r]
-        ax.plot(*zip(*pts))
-        ax.set_title(k)
+        ax.plot(*zip(*[(r["step"], r[k]) for r in log if k in r]))
+        if k == "mean_entropy" and n_prototypes:
+            ax.axhline(math.log(n_prototypes), ls="--", c="gray", label=f"ln K, K = {n_prototypes}")
+            ax.legend(fontsize=8)
+        if k == "prototype_share":
+            ax.axhline(0.25, ls="--", c="red", label="collapse below")
+            ax.set_ylim(0, 1.05)
+            ax.legend(fontsize=8)
+        ax.set_title(CURVES[k], fontsize=9)
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     plt.close(fig)
 
 
+def run_prototypes(log_path):
+    """K of the run whose log this is, from the checkpoint.pth beside it; None without one."""
+    path = os.path.join(os.path.dirname(log_path), "checkpoint.pth")
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"][
+        "n_prototypes"]
+
+
 # ----------------------------------------------------------------------------- the results table
 
-# task: (its metric, the row's label, the metric's baseline: no learning at all)
-TASKS = {"attr": ("test/mean_accuracy", "attributes, mean accuracy %",
-                  "test/majority_accuracy"),
-         "expr": ("test/mean_class_accuracy", "expressions, mean class accuracy %",
-                  "test/chance_mean_class_accuracy"),
-         "align": ("test/nme", "landmarks, NME % (lower is better)", "test/nme_mean_shape")}
+# task: its rows, each (a metric, the row's label, the metric's baseline: no learning at all)
+TASKS = {"attr": [("test/mean_accuracy", "attributes, mean accuracy %",
+                   "test/majority_accuracy")],
+         "expr": [("test/accuracy", "expressions, accuracy %", "test/majority_accuracy"),
+                  ("test/mean_class_accuracy", "expressions, mean class accuracy %",
+                   "test/chance_mean_class_accuracy")],
+         "align": [("test/nme", "landmarks, NME % (lower is better)", "test/nme_mean_shape")]}
+
+
+def cell(results, metric):
+    """One init's entry: the mean over its runs of the last epoch's metric, with the std and the
+    number of runs where there are several."""
+    if results is None:
+        return ""
+    n = len(results["runs"])
+    spread = f" ({results['std'][metric]:.2f}, {n} runs)" if n > 1 else " (1 run)"
+    return f"{results['mean'][metric]:.2f}" + spread
 
 
 def table(args):
@@ -234,15 +286,11 @@ def table(args):
              "|---" * (4 + len(inits)) + "|"]
     for task, frac in sorted({(t, f) for t, _, f in found},
                              key=lambda k: (list(TASKS).index(k[0]), k[1])):
-        metric, label, baseline = TASKS[task]
-        cells = []
-        for init in inits:
-            r = found.get((task, init, frac))
-            cells.append(f"{r['mean'][metric]:.2f} ({r['std'][metric]:.2f}, {len(r['runs'])} runs)"
-                         if r else "")
-        r = next(r for (t, _, f), r in found.items() if (t, f) == (task, frac))
-        lines.append(f"| {label} | {frac:.0%} | {r['n_train']} | " + " | ".join(cells)
-                     + f" | {r['mean'][baseline]:.2f} |")
+        first = next(r for (t, _, f), r in found.items() if (t, f) == (task, frac))
+        for metric, label, baseline in TASKS[task]:
+            cells = [cell(found.get((task, init, frac)), metric) for init in inits]
+            lines.append(f"| {label} | {frac:.0%} | {first['n_train']} | " + " | ".join(cells)
+                         + f" | {first['mean'][baseline]:.2f} |")
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
         f.write(text)

@@ -7,12 +7,12 @@ What every task shares (and only that): the backbone from --init (random, ours, 
 MAE, MSN: Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen
 backbone), AdamW with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs
 (--runs: mean and std over seeds; §4.3 averages five), batched evaluation on the test split,
-results.json, DDP under torchrun, bf16 autocast (--bf16: on CUDA by default), checkpoint + resume.
+results.json, DDP under torchrun, bf16 autocast (--bf16), checkpoint + resume.
 A task supplies its data, head, loss, predictions and metrics.
 
 Each run's checkpoint and result.json record the settings that made them: a run is resumed or its
 result reused only under the same settings (the console says so), and refused under others. Ctrl-C
-or SIGTERM finishes the step (under torchrun: the next logging step), saves and exits; a checkpoint
+or SIGTERM finishes the step on every process (they agree each step), saves and exits; a checkpoint
 is also written every --save-every-min minutes.
 """
 import argparse
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from PIL import Image, ImageEnhance, ImageOps
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -39,7 +40,7 @@ from data import (ArgumentParser, above, at_least, check_settings, data_root, fr
 from loss import cosine_schedule, ema_update
 from pretrain import (StopRequest, Views, all_mean, checkpoint_due, collate, from_rank_zero,
                       gather_names, load_resume, read_if_there, restore_rng, rng_state,
-                      save_atomic, setup_distributed, stop_exit, use_bf16)
+                      save_atomic, setup_distributed, stop_agreed, stop_exit, use_bf16)
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 BICUBIC = v2.InterpolationMode.BICUBIC
@@ -47,17 +48,20 @@ BICUBIC = v2.InterpolationMode.BICUBIC
 
 def add_common_args(p, datasets, defaults, notes=None):
     """The flags every task script has. `defaults` holds the task's lr, weight_decay, layer_decay,
-    epochs, batch_size and warmup_epochs (a value None is set per dataset by the task); `notes` give
-    those flags' help, naming each default's source."""
+    epochs, batch_size, warmup_epochs and drop_path (a value None is set per dataset by the task);
+    `notes` give those flags' help, naming each default's source."""
     notes = notes or {}
     count, nonneg = at_least(1), at_least(0.0, float)
-    p.add_argument("--dataset", default=datasets[0], choices=datasets)
+    p.add_argument("--dataset", default=datasets[0], choices=datasets,
+                   help="the benchmark; toy: the toy world's layout of it (toyfaces.py)")
     p.add_argument("--data", default=None, help="dataset folder (default: <data root>/<dataset>)")
     p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
     p.add_argument("--init", default="random", help="'random' or a checkpoint: ours "
                    "(teacher_backbone.pth or checkpoint.pth), DINO, DeiT/timm, MAE, MSN")
     p.add_argument("--arch", default="vit_small", choices=ARCHS,
                    help="backbone (§4.1: vit_small; MAE: vit_base)")
+    p.add_argument("--patch-size", type=count, default=None, help="ViT patch side (default: 16, "
+                   "§3.2; with an --init checkpoint, the checkpoint's, and another is an error)")
     subset = p.add_mutually_exclusive_group()
     subset.add_argument("--frac", type=fraction, default=1.0,
                         help="few-shot: keep floor(frac * n_train) training images (Tables 2-4)")
@@ -82,19 +86,19 @@ def add_common_args(p, datasets, defaults, notes=None):
                    help=notes["layer_decay"] + "; block i of L gets lr * layer_decay^(L+1-i)")
     p.add_argument("--warmup-epochs", type=nonneg, default=defaults["warmup_epochs"],
                    help=notes["warmup_epochs"])
-    p.add_argument("--drop-path", type=nonneg, default=0.1,
-                   help="stochastic depth (authors' run_celeba.sh, run_rafdb.sh)")
+    p.add_argument("--drop-path", type=nonneg, default=defaults["drop_path"],
+                   help="stochastic depth: " + notes["drop_path"])
     p.add_argument("--img-size", type=patch_multiple, default=224,
                    help="input side (§4.3: 224)")
     p.add_argument("--eval-every", type=at_least(0), default=0,
                    help="also evaluate every this many epochs (0: at the end)")
     p.add_argument("--workers", type=at_least(0), default=4, help="DataLoader processes")
     p.add_argument("--log-every", type=count, default=10, help="steps between progress updates, "
-                   "checks and time-based checkpoints (each a host sync); under torchrun, where "
-                   "Ctrl-C/SIGTERM stop")
+                   "checks and time-based checkpoints (each a device sync)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on CUDA only); faster on a CPU with native bf16 "
-                   "(AVX512-BF16, AMX), far slower on one without")
+                   help="bf16 autocast (default: on a GPU of compute capability 8.0 or later, "
+                   "else off); faster on a CPU with native bf16 (AVX512-BF16, AMX), far slower on "
+                   "one without")
     p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the "
                    "last one is this many minutes old (0: at the end only)")
     p.add_argument("--out", default=None, help="results.json and checkpoints (default: "
@@ -148,22 +152,80 @@ def add_augmentation_args(p):
     p.add_argument("--min-crop", type=fraction, default=0.08, help="random resized crops keep "
                    "this share of the image at least (timm's default, which the authors ran)")
     p.add_argument("--randaug", action=argparse.BooleanOptionalAction, default=True,
-                   help="RandAugment, 2 ops at magnitude 9 of 10 (the authors' rand-m9-mstd0.5)")
+                   help="timm's RandAugment rand-m9-mstd0.5-inc1 (the authors' scripts, through "
+                   "MAE's create_transform)")
     p.add_argument("--erasing", type=probability, default=0.25,
                    help="random erasing probability (authors' scripts)")
 
 
+# timm's RandAugment as rand-m9-mstd0.5-inc1 configures it (auto_augment.py): 2 ops drawn with
+# replacement from these 15, each applied with probability 0.5 at a magnitude m ~ N(9, 0.5) clipped
+# to [0, 10]; the 'increasing' variants grow stronger with m. Each op: (PIL image, level m / 10).
+# Geometric ops resample bicubic and fill with the mean pixel, as create_transform sets them.
+
+FILL = tuple(round(255 * c) for c in IMAGENET_MEAN)  # (124, 116, 104)
+SOLARIZE_ADD = [[min(255, i + add) if i < 128 else i for i in range(256)] * 3
+                for add in range(111)]  # a lookup table per added level, 0..110
+POSTERIZE = [[i & (0xFF00 >> bits) & 0xFF for i in range(256)] * 3
+             for bits in range(9)]  # keep the top `bits` bits; 0: black (m = 10)
+
+
+def signed(v):
+    """v or -v, at random (timm's _randomly_negate)."""
+    return -v if torch.rand(()) > 0.5 else v
+
+
+def enhance(level):
+    return max(0.1, 1 + signed(0.9 * level))
+
+
+def affine(img, *matrix):
+    return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=FILL)
+
+
+RAND_OPS = {
+    "AutoContrast": lambda img, level: ImageOps.autocontrast(img),
+    "Equalize": lambda img, level: ImageOps.equalize(img),
+    "Invert": lambda img, level: ImageOps.invert(img),
+    "Rotate": lambda img, level: img.rotate(signed(30 * level), Image.BICUBIC, fillcolor=FILL),
+    "PosterizeIncreasing": lambda img, level: img.point(POSTERIZE[4 - int(4 * level)]),
+    "SolarizeIncreasing": lambda img, level: ImageOps.solarize(img, 256 - int(256 * level)),
+    "SolarizeAdd": lambda img, level: img.point(SOLARIZE_ADD[int(110 * level)]),
+    "ColorIncreasing": lambda img, level: ImageEnhance.Color(img).enhance(enhance(level)),
+    "ContrastIncreasing": lambda img, level: ImageEnhance.Contrast(img).enhance(enhance(level)),
+    "BrightnessIncreasing": lambda img, level: ImageEnhance.Brightness(img).enhance(
+        enhance(level)),
+    "SharpnessIncreasing": lambda img, level: ImageEnhance.Sharpness(img).enhance(
+        enhance(level)),
+    "ShearX": lambda img, level: affine(img, 1, signed(0.3 * level), 0, 0, 1, 0),
+    "ShearY": lambda img, level: affine(img, 1, 0, 0, signed(0.3 * level), 1, 0),
+    "TranslateXRel": lambda img, level: affine(img, 1, 0, signed(0.45 * level) * img.width, 0,
+                                               1, 0),
+    "TranslateYRel": lambda img, level: affine(img, 1, 0, 0, 0, 1,
+                                               signed(0.45 * level) * img.height),
+}
+
+
+def rand_augment(img, n_ops=2, magnitude=9, std=0.5):
+    """timm's RandAugment rand-m9-mstd0.5-inc1 on an RGB PIL image."""
+    ops = list(RAND_OPS.values())
+    for k in torch.randint(len(ops), (n_ops,)).tolist():
+        if torch.rand(()) < 0.5:
+            m = min(max(magnitude + std * torch.randn(()).item(), 0.0), 10.0)
+            img = ops[k](img, m / 10)
+    return img
+
+
 def train_transform(args):
     """The authors' training augmentation for attributes and expressions (MAE's fine-tuning, through
-    timm's create_transform): random resized crop (bicubic), horizontal flip, RandAugment at
-    magnitude 9 of 10, 2 ops (timm's rand-m9-mstd0.5-inc1, without its magnitude noise), random
-    erasing. uint8 out: images are normalised on the device, a batch at once."""
+    timm's create_transform): random resized crop (bicubic), horizontal flip, RandAugment
+    (rand_augment), random erasing. uint8 out: images are normalised on the device, a batch at
+    once."""
     t = v2.Compose([v2.PILToTensor(),
                     v2.RandomResizedCrop(args.img_size, scale=(args.min_crop, 1.0),
                                          interpolation=BICUBIC, antialias=True),
                     v2.RandomHorizontalFlip()]
-                   + ([v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11)]
-                      if args.randaug else []))
+                   + ([v2.ToPILImage(), rand_augment, v2.PILToTensor()] if args.randaug else []))
     erasing = args.erasing
     return lambda img, target: (random_erasing(t(img), erasing), target)
 
@@ -239,9 +301,13 @@ def epoch_indices(n, epoch, seed, rank, world, weights=None):
 # ----------------------------------------------------------------------------- model and optimiser
 
 def build_backbone(args):
-    backbone = ARCHS[args.arch](drop_path_rate=0.0 if args.head_only else args.drop_path)
+    backbone = ARCHS[args.arch](patch_size=args.patch_size or 16,
+                                drop_path_rate=0.0 if args.head_only else args.drop_path)
     if args.init != "random":
-        load_pretrained(backbone, args.init)
+        load_pretrained(backbone, args.init)  # takes the checkpoint's patch size
+        if args.patch_size not in (None, backbone.patch_size):
+            raise ValueError(f"--patch-size {args.patch_size}: {args.init} holds a ViT with "
+                             f"{backbone.patch_size} px patches")
     return backbone
 
 
@@ -337,8 +403,7 @@ def batch_sizes(args, n_subset, world):
     per_process = min(args.batch_size, n_subset) // world
     if per_process == 0:
         raise ValueError(f"--batch-size {args.batch_size} over {n_subset} training images and "
-                         f"{world} "
-                         "processes leaves no image per process")
+                         f"{world} processes leaves no image per process")
     return per_process, n_subset // world // per_process
 
 
@@ -368,9 +433,10 @@ def train_one(task, args, train_set, tests, run, ctx):
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index]
-                                  if device.type == "cuda" else None) \
-        if world > 1 else model
+    ddp = model  # several processes: gradients all-reduced in the backward pass
+    if world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+                                      else None)
     decay = task.ema_decay(args)
     ema = copy.deepcopy(model).requires_grad_(False) if decay else None
     groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay,
@@ -445,13 +511,11 @@ def train_one(task, args, train_set, tests, run, ctx):
             pending += names
             # at an epoch's end, the epoch's evaluation comes first
             mid_epoch = i + 1 < steps_per_epoch
-            # one process needs no collective to stop now
-            alone_stopping = world == 1 and stop.signum
-            if mid_epoch and (step + 1) % args.log_every and not alone_stopping:
-                continue  # no host sync between logging steps
+            stopping = stop_agreed(stop, world)
+            if mid_epoch and (step + 1) % args.log_every and not stopping:
+                continue  # no device sync between logging steps
             # the same step on every process: one all-reduce for the progress bar and the checks
-            checks = [loss.detach(), len(pending), stop.signum > 0]
-            loss_value, n_skipped, stopping = all_mean(checks)
+            loss_value, n_skipped = all_mean([loss.detach(), len(pending)])
             if n_skipped:  # the same on every process: all join the gather
                 skipped.update(gather_names(pending, world))
             pending = []
@@ -555,8 +619,12 @@ def main(task, argv=None):
     args = p.parse_args(argv)
     if args.init != "random" and not os.path.isfile(args.init):
         p.error(f"--init {args.init}: no such file (expected 'random' or a checkpoint)")
-    with StopRequest() as stop:
-        return run_all(task, args, stop)
+    try:
+        with StopRequest() as stop:
+            return run_all(task, args, stop)
+    finally:  # on every exit, an error's and a stop's too
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_all(task, args, stop):
@@ -576,25 +644,35 @@ def run_all(task, args, stop):
               + f"; results in {args.out}")
     ctx = (rank, world, device, stop)
     runs = [train_one(task, args, train_set, tests, r, ctx) for r in range(args.runs)]
-    finals = [flatten(r["final"]) for r in runs]
-    mean = {k: sum(f[k] for f in finals) / len(finals) for k in finals[0]}
-    std = {k: (sum((f[k] - mean[k]) ** 2 for f in finals) / max(1, len(finals) - 1)) ** 0.5
-           for k in finals[0]}
+    mean, std = mean_std([flatten(r["final"]) for r in runs])
+    best_mean, best_std = mean_std([flatten(r["best_epoch"]) for r in runs])
     settings = vars(args).pop("settings")
     results = dict(args=vars(args), settings=settings, n_train_total=len(train_set),
-                   n_train=n_keep, runs=runs,
-                   mean=mean, std=std)
+                   n_train=n_keep, runs=runs, mean=mean, std=std, best_mean=best_mean,
+                   best_std=best_std)
     skipped = sorted({name for r in runs for name in r["skipped"]})
     if rank == 0:
         write_lines(os.path.join(args.out, "results.json"), [json.dumps(results, indent=1)])
         if skipped:
             write_lines(os.path.join(args.out, "skipped.txt"), skipped)
-        print(f"{len(runs)} run(s), final epoch, mean (std): " + task.summary(mean, std)
+        several = len(runs) > 1
+        what = f"{len(runs)} runs, mean (std)" if several else "1 run"
+        print(f"last epoch, {what}: " + task.summary(mean, std if several else None)
               + (f"; {len(skipped)} unreadable images skipped, listed in {args.out}/skipped.txt"
                  if skipped else ""))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        if any(len(r["history"]) > 1 for r in runs):  # --eval-every: several epochs evaluated
+            print(f"best evaluated epoch of each run by {task.main_metric} (the authors' logs: "
+                  f"'Max accuracy'; chosen on the test split), {what}: "
+                  + task.summary(best_mean, best_std if several else None))
     return results
+
+
+def mean_std(rows):
+    """Per key, the mean and the sample std over runs' flattened metrics (0 for one run)."""
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    std = {k: (sum((r[k] - mean[k]) ** 2 for r in rows) / max(1, len(rows) - 1)) ** 0.5
+           for k in rows[0]}
+    return mean, std
 
 
 def read_json(path):

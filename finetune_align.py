@@ -1,4 +1,4 @@
-"""Face alignment on 300W and WFLW (paper §3.5, §4.1; Tables 1 and 4).
+r"""Face alignment on 300W and WFLW (paper §3.5, §4.1; Tables 1 and 4).
 
     python finetune_align.py --dataset 300w --init runs/pretrain/teacher_backbone.pth --frac 0.1
     python finetune_align.py --dataset wflw
@@ -8,9 +8,12 @@
 Model (§4.1): the patch tokens of blocks 4, 6, 8 and 12 are reshaped to 14x14 maps, brought to four
 scales (4x, 2x, 1x, 1/2x) and fused by a UperNet head (pyramid pooling on the coarsest map, top-down
 lateral fusion; Xiao et al. 2018) into one heat-map logit map per landmark at 128x128. Targets are
-Gaussian heat-maps with values in [0, 1]; the loss is FaRL's: soft-label cross-entropy plus the L1
-of the heat-maps' soft-argmax; FaRL's absolute lrs, step schedule and EMA evaluation; landmarks are
-decoded with sub-pixel precision and mapped back to the original image before scoring.
+FaRL's heat-maps (a Gaussian of sigma radius / 4, cut at the radius) with values in [0, 1]; the
+loss is FaRL's: soft-label cross-entropy plus the L1 of the heat-maps' soft-argmax, which also
+decodes the landmarks (FaRL's heatmap2points), mapped back to the original image before scoring;
+FaRL's absolute lrs, step schedule, EMA evaluation, augmenters, head width and dropout, and no drop
+path (FaRL's face_alignment config: trainers/ibug300w_farl.yaml, augmenters/train.yaml,
+network/mmseg.py, network/geometry.py).
 Metric: NME normalised by the inter-ocular distance (outer eye corners), in %, per image then
 averaged; failure rate (NME > 10%) and AUC at 10%.
 
@@ -29,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 import finetune
 from data import IMAGE_EXTENSIONS, above, at_least, probability
@@ -103,8 +106,7 @@ def read_300w(path, protocol="common"):
         return os.path.join(path, *parts)
     if not os.path.isdir(sub("afw")):
         raise FileNotFoundError(f"{path}: expected the 300W folders afw/, helen/, lfpw/, ibug/ "
-                                f"with .pts files "
-                                "(or try --dataset toy)")
+                                f"with .pts files (or try --dataset toy)")
     train = _pts_items(sub("afw"), 0) + _pts_items(sub("helen", "trainset"),
                                                    0) + _pts_items(sub("lfpw", "trainset"), 0)
     common = _pts_items(sub("helen", "testset"), 0) + _pts_items(sub("lfpw", "testset"), 0)
@@ -162,19 +164,44 @@ def warp(img, A, size):
                          Image.BILINEAR)
 
 
+def farl_augment(crop):
+    """FaRL's augmenters after the warp (augmenters/train.yaml; its blueprint library's
+    RandomOcclusion, NoiseFusion, RandomGray, RandomGamma, RandomBlur), on a uint8 crop (3, H, W):
+    always a black box, noise blended in with probability 0.5, gray with 0.1, a gamma of 1/2, 1 or
+    2, and a box blur of up to 1% of the side (none below 200 px)."""
+    x = crop.float() / 255
+    _, H, W = x.shape
+    u = torch.rand(6).tolist()
+    rh = 0.2 + 0.6 * u[0]  # the box: 10-40% of the height, its width within +-10% of that
+    dh, dw = int(H / 2 * rh), int(W / 2 * (rh - 0.2 + 0.4 * u[1]))
+    cy, cx = int((H - 1) * u[2]), int((W - 1) * u[3])
+    x[:, max(0, cy - dh // 2):min(H - 1, cy + dh // 2) + 1,
+      max(0, cx - dw // 2):min(W - 1, cx + dw // 2) + 1] = 0
+    if u[4] < 0.5:
+        alpha = 0.5 * torch.rand(()).item()
+        x = (1 - alpha) * x + alpha * torch.rand_like(x)
+    if u[5] < 0.1:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    x = (x.sqrt(), x, x.square())[torch.randint(3, ()).item()]
+    k = int((H + W) / 2 * 0.01 * torch.rand(()).item())
+    if k > 1:  # cv2.blur: a k x k mean, borders reflected
+        x = F.avg_pool2d(F.pad(x[None], (k // 2, (k - 1) // 2) * 2, mode="reflect"), k, 1)[0]
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 class AlignTransform:
     """Image + landmarks -> (uint8 crop, target); the crop is normalised on the device
     (crops.normalize). The square box around the landmarks (or WFLW's box), enlarged by
     `crop_scale`, is resized to img_size. Training draws FaRL's geometry, each uniform: rotation
-    within +-0.174 rad, scale within +-10%, shift within +-5% of the box (no flip), then a colour
-    jitter. Train target: landmarks in crop pixels (P, 2); test target: [original landmarks (P*2),
-    crop -> image affine (6), subset flags] so predictions can go back."""
+    within +-0.174 rad, scale within +-10%, shift within +-5% of the box (no flip), then FaRL's
+    augmenters (farl_augment). Train target: landmarks in crop pixels (P, 2); test target:
+    [original landmarks (P*2), crop -> image affine (6), subset flags] so predictions can go
+    back."""
 
     def __init__(self, img_size, train, crop_scale=1.25):
         self.size, self.train, self.crop_scale = img_size, train, crop_scale
-        # FaRL's train config
+        # FaRL's trainers/ibug300w_farl.yaml: rot_sigma 0.174, scale_sigma 0.1, shift_sigma 0.05
         self.rotation, self.scale, self.shift = math.degrees(0.174), 0.1, 0.05
-        self.colour = v2.ColorJitter(0.3, 0.3, 0.2)
 
     def __call__(self, img, target):
         landmarks, flags, *box = target
@@ -191,11 +218,10 @@ class AlignTransform:
         crop = warp(img, A, self.size)
         points = apply_affine(A, landmarks)
         if self.train:
-            crop = self.colour(crop)
-            return v2.functional.pil_to_tensor(crop), torch.tensor(points, dtype=torch.float32)
+            return farl_augment(TF.pil_to_tensor(crop)), torch.tensor(points, dtype=torch.float32)
         packed = np.concatenate([landmarks.flatten(), invert_affine(A).flatten(),
                                  np.atleast_1d(flags)])
-        return v2.functional.pil_to_tensor(crop), torch.tensor(packed, dtype=torch.float32)
+        return TF.pil_to_tensor(crop), torch.tensor(packed, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- heat-maps
@@ -205,43 +231,25 @@ def to_heatmap_coords(points, img_size, heatmap_size):
     return (points + 0.5) * heatmap_size / img_size - 0.5
 
 
-def gaussian_heatmaps(points, size, sigma):
-    """points (B, P, 2) in heat-map pixels -> (B, P, size, size) Gaussians with peak value 1."""
+def gaussian_heatmaps(points, size, radius):
+    """points (B, P, 2) in heat-map pixels -> (B, P, size, size) targets with peak value 1: FaRL's
+    'gaussian_awing' kernel exp(-16 r^2 / (2 radius^2)), a Gaussian of sigma radius / 4, on the
+    pixels within the radius, 0 beyond (network/geometry.py points2heatmap, ext/p2i_ops)."""
     grid = torch.arange(size, device=points.device, dtype=torch.float32)
     dx = (grid[None, None, :] - points[..., 0:1]) ** 2  # (B, P, size) along x
     dy = (grid[None, None, :] - points[..., 1:2]) ** 2
-    return torch.exp(-(dy[..., :, None] + dx[..., None, :]) / (2 * sigma ** 2))
+    r2 = dy[..., :, None] + dx[..., None, :]  # (B, P, size, size)
+    return torch.where(r2 <= radius ** 2, torch.exp(-8 * r2 / radius ** 2), 0.0)
 
 
 def soft_argmax(heat):
-    """(B, P, H, W) non-negative heat-maps -> (B, P, 2) their centres of mass, in heat-map pixels
-    (FaRL's heatmap2points, differentiable)."""
+    """(B, P, H, W) non-negative heat-maps -> (B, P, 2) their centres of mass over the whole map,
+    in heat-map pixels (FaRL's heatmap2points): the landmarks, and what the coordinate loss
+    trains."""
     w = heat / heat.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
     ys = torch.arange(heat.shape[-2], device=heat.device, dtype=heat.dtype)
     xs = torch.arange(heat.shape[-1], device=heat.device, dtype=heat.dtype)
     return torch.stack([(w.sum(-2) * xs).sum(-1), (w.sum(-1) * ys).sum(-1)], -1)
-
-
-def decode_heatmaps(heat, sigma):
-    """(B, P, H, W) heat-maps in [0, 1] -> (B, P, 2) sub-pixel positions: the weighted mean of the
-    heat (minus its local floor) in a window of radius ceil(3 sigma) + 1 around the peak."""
-    B, P, H, W = heat.shape
-    r = int(math.ceil(3 * sigma)) + 1
-    peak = heat.flatten(2).argmax(-1)
-    py, px = peak // W, peak % W
-    offsets = torch.arange(-r, r + 1, device=heat.device)
-    ys = (py[..., None] + offsets).clamp(0, H - 1)  # (B, P, 2r+1)
-    xs = (px[..., None] + offsets).clamp(0, W - 1)
-    flat = heat.flatten(2)
-    idx = ys[..., :, None] * W + xs[..., None, :]  # (B, P, 2r+1, 2r+1)
-    win = flat.gather(2, idx.flatten(2)).view(B, P, 2 * r + 1, 2 * r + 1)
-    valid = ((py[..., None] + offsets >= 0) & (py[..., None] + offsets < H))[..., :, None] & \
-            ((px[..., None] + offsets >= 0) & (px[..., None] + offsets < W))[..., None, :]
-    w = (win - win.amin(dim=(-2, -1), keepdim=True)).clamp_min(0) * valid
-    total = w.sum(dim=(-2, -1)).clamp_min(1e-12)
-    x = (w * xs[..., None, :]).sum(dim=(-2, -1)) / total
-    y = (w * ys[..., :, None]).sum(dim=(-2, -1)) / total
-    return torch.stack([x, y], -1).float()
 
 
 def nme(pred, gt, eyes):
@@ -316,6 +324,7 @@ class AlignmentModel(nn.Module):
                           nn.ConvTranspose2d(D, D, 2, 2)),
             nn.ConvTranspose2d(D, D, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
         self.upernet = UperNet(D, channels)
+        self.dropout = nn.Dropout2d(0.1)  # mmseg's dropout_ratio before the last conv (FaRL)
         self.predict = nn.Conv2d(channels, n_points, 1)
 
     def forward(self, x):
@@ -325,7 +334,7 @@ class AlignmentModel(nn.Module):
         maps = [s(t.transpose(1, 2).reshape(len(x), -1, h, w)) for s, t in zip(self.scales, tokens)]
         fused = F.interpolate(self.upernet(maps), size=(self.heatmap_size,) * 2, mode="bilinear",
                               align_corners=False)
-        return self.predict(fused)  # (B, P, heatmap, heatmap) logits
+        return self.predict(self.dropout(fused))  # (B, P, heatmap, heatmap) logits
 
 
 # ----------------------------------------------------------------------------- the task
@@ -340,27 +349,34 @@ class Alignment(finetune.Task):
         finetune.add_common_args(
             p, ["300w", "wflw", "toy"],
             dict(lr=0.01, weight_decay=1e-5, layer_decay=1.0, epochs=250, batch_size=64,
-                 warmup_epochs=0),
-            notes=dict(lr="the heads' lr, whatever the batch (§4.1, FaRL); x0.1 for the last 20%% "
-                       "of the epochs (FaRL: at epoch 200 of 250)",
-                       weight_decay="AdamW (§4.1)", layer_decay="none (FaRL)", epochs="FaRL",
-                       batch_size="unstated", warmup_epochs="none (FaRL)"))
+                 warmup_epochs=0, drop_path=0.0),
+            notes=dict(lr="the heads' lr, whatever the batch (§4.1, FaRL's "
+                       "optimizers/refine_backbone.yaml); x0.1 for the last 20%% of the epochs "
+                       "(there: at epoch 200 of 250)",
+                       weight_decay="AdamW (§4.1)", layer_decay="none (FaRL)",
+                       epochs="FaRL's trainers/ibug300w_farl.yaml", batch_size="unstated",
+                       warmup_epochs="none (FaRL)",
+                       drop_path="none: FaRL's backbone has no stochastic depth"))
         p.add_argument("--backbone-lr", type=above(0.0), default=1e-4,
-                       help="the backbone's lr, whatever the batch (FaRL)")
+                       help="the backbone's lr, whatever the batch (FaRL's "
+                       "optimizers/refine_backbone.yaml)")
         p.add_argument("--ema-decay", type=probability, default=0.999,
-                       help="evaluate an EMA copy of the network (FaRL); 0: the trained one. Few "
-                       "steps need less: at 0.999 the copy keeps 0.999^steps of its initial "
-                       "weights")
+                       help="evaluate an EMA copy of the network (FaRL's "
+                       "trainers/ibug300w_farl.yaml); 0: the trained one. Few steps need less: "
+                       "at 0.999 the copy keeps 0.999^steps of its initial weights")
         p.add_argument("--coord-weight", type=at_least(0.0, float), default=1.0,
-                       help="weight of the coordinate L1 loss beside the heat-map loss's 1 (FaRL)")
+                       help="weight of the coordinate L1 loss beside the heat-map loss's 1 "
+                       "(FaRL's trainers/ibug300w_farl.yaml)")
         p.add_argument("--heatmap-size", type=at_least(4), default=128,
-                       help="heat-map side (§4.1)")
-        p.add_argument("--channels", type=at_least(1), default=256,
-                       help="UperNet width (unstated; mmseg's)")
-        p.add_argument("--sigma", type=above(0.0), default=1.5,
-                       help="Gaussian sigma in heat-map pixels (unstated)")
+                       help="heat-map side (§4.1; FaRL's trainers/ibug300w_farl.yaml)")
+        p.add_argument("--heatmap-radius", type=above(0.0), default=5.0,
+                       help="target radius in heat-map pixels: a Gaussian of sigma radius / 4 "
+                       "cut there (FaRL's trainers/ibug300w_farl.yaml heatmap_radius)")
+        p.add_argument("--channels", type=at_least(1), default=768,
+                       help="UperNet width (FaRL's trainers/ibug300w_farl.yaml head_channel)")
         p.add_argument("--crop-scale", type=above(0.0), default=1.25,
-                       help="face box enlargement before the crop (FaRL: the face at 0.8 of it)")
+                       help="face box enlargement before the crop (FaRL's scale_mu 0.8: the face "
+                       "at 0.8 of it)")
         p.add_argument("--protocol", default="common", choices=["common", "private"],
                        help="300W: train on 3,148 and test Common/Challenging/Full, or train on "
                        "3,837 and test on the private 600")
@@ -404,14 +420,14 @@ class Alignment(finetune.Task):
         of the side."""
         a = self.args
         target_points = to_heatmap_coords(points, a.img_size, a.heatmap_size)  # (B, P, 2)
-        target = gaussian_heatmaps(target_points, a.heatmap_size, a.sigma)
+        target = gaussian_heatmaps(target_points, a.heatmap_size, a.heatmap_radius)
         heat = F.binary_cross_entropy_with_logits(logits.float(), target)
         coord = (soft_argmax(torch.sigmoid(logits.float())) - target_points).norm(dim=-1).mean()
         return heat + a.coord_weight * coord / a.heatmap_size
 
     def predict(self, model, images):
         a = self.args
-        points = decode_heatmaps(torch.sigmoid(model(images).float()), a.sigma)
+        points = soft_argmax(torch.sigmoid(model(images).float()))
         return (points + 0.5) * a.img_size / a.heatmap_size - 0.5  # heat-map -> crop pixels
 
     def metrics(self, preds, targets, dataset):

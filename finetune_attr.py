@@ -1,4 +1,4 @@
-"""Face attributes on CelebA and LFWA (paper §3.5, §4.1; Tables 1 and 2).
+r"""Face attributes on CelebA and LFWA (paper §3.5, §4.1; Tables 1 and 2).
 
     python finetune_attr.py --frac 0.002 --init runs/pretrain/teacher_backbone.pth   # CelebA 0.2%
     python finetune_attr.py --dataset lfwa --frac 0.05
@@ -63,9 +63,8 @@ def read_attributes(args):
         return read_lfwa_mat(args.data)
     if args.dataset == "lfwa" and not os.path.isdir(args.data):
         raise FileNotFoundError(f"{args.data}: no such folder (expected LFWA's lfw_att_40.mat, "
-                                f"indices_train_test"
-                                ".mat and lfw/, or LFWA in the CelebA text layout; or try "
-                                "--dataset toy)")
+                                f"indices_train_test.mat and lfw/, or LFWA in the CelebA text "
+                                f"layout; or try --dataset toy)")
     return read_celeba(args.data)
 
 
@@ -106,12 +105,14 @@ class Attributes(finetune.Task):
         finetune.add_common_args(
             p, ["celeba", "lfwa", "toy"],
             dict(lr=5e-4, weight_decay=0.05, layer_decay=0.65, epochs=100, batch_size=256,
-                 warmup_epochs=1),
-            notes=dict(lr="effective lr at a global batch of 256 (§4.1), scaled by the real one",
+                 warmup_epochs=1, drop_path=0.1),
+            notes=dict(lr="at a global batch of 256 (§4.1); scaled by the nominal one, "
+                       "--batch-size x processes (the linear rule of MAE's main_finetune.py)",
                        weight_decay="AdamW (§4.1)", layer_decay="§4.1",
                        epochs="the lr reaches zero at the end (§4.1)",
                        batch_size="64 x 4 GPUs (authors' run_celeba.sh)",
-                       warmup_epochs="linear warmup (authors' run_celeba.sh)"))
+                       warmup_epochs="linear warmup (authors' run_celeba.sh)",
+                       drop_path="authors' run_celeba.sh"))
         finetune.add_augmentation_args(p)
         p.add_argument("--pool", default="cls", choices=["cls", "mean"],
                        help="cls token (§4.1) or mean of patch tokens (MAE's global_pool)")

@@ -7,9 +7,10 @@ teacher update and the schedules.
     H_i   = 1/(M N) sum_m sum_n H(s^g_m, s^l_n)   (cross-entropy, teacher -> student) (Eq. 3)
     H(mean s^l): entropy of the student prediction averaged over all B*N local views  (Eq. 4)
 
-Eq. 4 as printed averages the predictions without taking their entropy; the text calls it "the
-entropy regularization [2]" and MSN's me-max, which this loss follows, is the entropy of the mean
-prediction: that is what we compute. Features and prototypes are L2-normalised ("All the output
+Eq. 4 as printed is the student predictions summed over the B images and their N local views and
+divided by B x D, with no entropy taken; the text calls it "the entropy regularization [2]" and
+MSN's me-max, which this loss follows, is the entropy of the mean prediction: that is what we
+compute. Features and prototypes are L2-normalised ("All the output
 features are L2 normalized"), so p . f is a cosine similarity. No centering: the mean-entropy term
 is the paper's anti-collapse mechanism, and the sharp teacher (tau_g = 0.025 < tau_l = 0.1) gives
 the targets. `sinkhorn=True` also spreads the targets over the prototypes with Sinkhorn-Knopp, as
@@ -36,7 +37,7 @@ class ProjectionHead(nn.Module):
         super().__init__()
         layers = []
         for d_in in (in_dim, hidden_dim):
-            layers += [nn.Linear(d_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)]
+            layers += [nn.Linear(d_in, hidden_dim), *([GlobalBatchNorm(hidden_dim)]
                                                       if batch_norm else []), nn.GELU()]
         self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, out_dim))
         for m in self.mlp:
@@ -70,6 +71,26 @@ def global_mean(x):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return _AllReduceMean.apply(x.mean(0))
     return x.mean(0)
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch: in training, the mean and variance of every process's
+    batch together (one differentiable all-reduce each, as MSN's SyncBatchNorm on GPUs, here on any
+    device), so that N processes of B images normalise as one of N x B. One process: BatchNorm1d.
+    Every process holds the same number of images."""
+
+    def forward(self, x):
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not self.training or world == 1:
+            return super().forward(x)
+        mean = global_mean(x)  # (C,)
+        var = global_mean(x * x) - mean * mean  # biased, as BatchNorm normalises
+        n = len(x) * world
+        with torch.no_grad():  # the running statistics take the unbiased variance, as BatchNorm1d
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 @torch.no_grad()
@@ -119,16 +140,17 @@ class PrototypeLoss(nn.Module):
 
     def distillation(self, s_g, z_student):
         """Eq. 1-4 from the teacher's predictions s_g (B, M, K) and the student's raw projector
-        outputs z_student (B, N, d) -> (loss, cross-entropy, mean entropy), each a scalar."""
-        # (B, N, K), Eq. 1
-        log_s_l = F.log_softmax(self.cosine(z_student) / self.tau_student, dim=-1)
-        # Eq. 3: cross-entropy of every (global m, local n) pair of an image, averaged over the M x
-        # N pairs
-        ce = -(s_g[:, :, None] * log_s_l[:, None]).sum(-1)                           # (B, M, N)
-        # Eq. 2, first term
-        cross_entropy = ce.mean()
-        # Eq. 4: (K,) over B*N
-        mean_s_l = global_mean(log_s_l.exp().flatten(0, 1))
+        outputs z_student (B, N, d) -> (loss, cross-entropy, mean entropy), each a 0-d tensor.
+        The student's predictions: softmax of the cosine to each prototype (self.cosine) over
+        tau_student. The cross-entropy averages every image's M x N (global, local) pairs; the
+        mean entropy is the entropy of the student's prediction averaged over all B x N local
+        views (global_mean, entropy), not a mean of per-view entropies; loss = cross-entropy -
+        mean entropy. Gradients reach z_student and the prototypes."""
+        log_s_l = F.log_softmax(self.cosine(z_student) / self.tau_student, -1)  # Eq. 1, (B, N, K)
+        # Eq. 3: the cross-entropy of every (global m, local n) pair of an image, (B, M, N)
+        ce = -(s_g[:, :, None] * log_s_l[:, None]).sum(-1)
+        cross_entropy = ce.mean()  # Eq. 2, first term
+        mean_s_l = global_mean(log_s_l.exp().flatten(0, 1))  # Eq. 4: (K,), over all B x N views
         mean_entropy = entropy(mean_s_l)
         return cross_entropy - mean_entropy, cross_entropy, mean_entropy             # Eq. 2
 
@@ -208,13 +230,20 @@ def main():
     collapsed = torch.randn(1, 1, d).expand(B, M, d) + 0.01 * torch.randn(B, M, d)
     print(f"K = 1024 prototypes, B = {B} images, M = {M} global and N = {N} local views; "
           f"ln K = {math.log(1024):.3f}")
+    used = {}
     for name, z_teacher in (("healthy", healthy), ("collapsed", collapsed)):
         z_student = z_teacher[:, :1].expand(B, N, d) + 0.3 * torch.randn(B, N, d)
         loss, s = criterion(z_teacher, z_student)
+        used[name] = int(s["prototypes_used"])
         print(f"{name:>9}: loss {s['loss']:.3f} = cross-entropy {s['cross_entropy']:.3f} - mean "
-              f"entropy {s['mean_entropy']:.3f}; teacher's argmax: {s['prototypes_used']:.0f} "
-              f"distinct prototypes for {B * M} views; entropies: teacher "
-              f"{s['teacher_entropy']:.2f}, student {s['student_entropy']:.2f}")
+              f"entropy {s['mean_entropy']:.3f}; the teacher's argmax reaches {used[name]} of the "
+              f"prototypes for {B * M} views; entropies: teacher {s['teacher_entropy']:.2f}, "
+              f"student {s['student_entropy']:.2f}")
+    print(f"What tells them apart is not the loss, nearly the same, but the prototypes the "
+          f"teacher's predictions reach: {used['healthy']} for images that differ, "
+          f"{used['collapsed']} when every image looks alike (a collapse: its targets teach "
+          f"nothing). pretrain.py reports this share of the reachable prototypes and calls a "
+          f"run COLLAPSED under 25%.")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""ProS pretraining (paper §3.1-3.3): a ViT student learns from its EMA teacher through shared
+r"""ProS pretraining (paper §3.1-3.3): a ViT student learns from its EMA teacher through shared
 prototypes.
 
-    python pretrain.py --data toy --arch vit_tiny --epochs 2 --global-size 64 --local-size 32  # CPU
+    python pretrain.py --data toy --arch vit_tiny --patch-size 8 --epochs 4 --batch-size 32 \
+        --global-size 64 --local-size 32 --lr 8e-3 --warmup-epochs 0.5 --momentum-teacher 0.99 \
+        --n-prototypes 64 --workers 1 --arcface data/toy/arcface.onnx   # the README's toy recipe
     torchrun --nproc_per_node 4 pretrain.py --data ms1m --arcface w600k_r50.onnx   # the paper's run
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
         pretrain.py --data ms1m --arcface w600k_r50.onnx
@@ -14,9 +16,15 @@ draw the crop boxes and augmentation parameters; the crops are cut and the kept 
 the training step, a batch at once on the training device (crops.py), so a GPU needs few CPU cores
 to feed it.
 Run the same command again with the same --out and it resumes from the last checkpoint; one made
-with other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finishes the step (under
-torchrun: trains on to the next logging step, where the processes agree), saves and exits; a
-checkpoint is also written every --save-every-min minutes and every epoch.
+with other settings is refused. Ctrl-C or SIGTERM (a cluster's preemption) finishes the step on
+every process (they agree each step), saves and exits; a checkpoint is also written every
+--save-every-min minutes and every epoch.
+
+The progress bar: loss (Eq. 2: ce - H), ce (Eq. 3's cross-entropy between the student's and the
+teacher's predictions), H (Eq. 4: the entropy of the mean student prediction; ln K at most),
+protos (the share of the prototypes the teacher's predictions reach in a batch, of those its global
+views could reach; under 25%: COLLAPSED), lr, img_s (images a second) and, with --arcface, reject
+(the share of candidates below theta).
 
 At the end (and every --probe-every epochs) the teacher's frozen features are probed (probe.py:
 linear, k-NN, verification) beside its random init and raw pixels; the last lines say whether the
@@ -50,7 +58,7 @@ from data import (ArgumentParser, above, at_least, check_settings, data_root, fr
 from loss import (PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, momentum_schedule,
                   weight_decay_schedule)
 from probe import Judge, probe_sets, random_backbone, toy_sets, verdict
-from retrieval import ArcFace, select_batch
+from retrieval import SELECTION, ArcFace, select, selection_counts, similarity
 import toyfaces
 from vit import ARCHS, read_checkpoint
 
@@ -68,21 +76,30 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=count, default=64,
                    help="images per process (§3.3: 64 x 4 GPUs)")
     p.add_argument("--lr", type=positive, default=1e-3, help="peak lr after warmup for a global "
-                   "batch of 256; scaled by global batch / 256 (§3.3)")
+                   "batch of 256 (§3.3: 1e-3 at 64 x 4), scaled by global batch / 256 (DINO's "
+                   "linear rule)")
     p.add_argument("--warmup-lr", type=nonneg, default=2e-4,
                    help="initial lr, scaled the same way (§3.3)")
     p.add_argument("--min-lr", type=nonneg, default=1e-6,
                    help="final lr of the cosine decay (§3.3)")
     p.add_argument("--warmup-epochs", type=nonneg, default=2, help="§3.3")
     p.add_argument("--weight-decay", type=nonneg, default=0.04,
-                   help="AdamW, at the start (§3.3); none on biases, norms, prototypes (MSN)")
+                   help="AdamW, at the start (§3.3 prints 0.04, MSN config's start); none on "
+                   "biases, norms, prototypes (MSN)")
     p.add_argument("--final-weight-decay", type=nonneg, default=0.4,
-                   help="the weight decay rises by cosine to this over 1.25x the run (MSN config)")
+                   help="the weight decay rises by cosine to this (MSN config; §3.3 prints 0.04 "
+                   "alone: --final-weight-decay 0.04 holds it)")
+    p.add_argument("--schedules", default="msn", choices=["msn", "dino"],
+                   help="the weight decay's and EMA momentum's curves: MSN's msn_train.py "
+                   "(cosine, and linear towards 1, over 1.25x the run) or DINO's main_dino.py "
+                   "(both cosine over the run; the authors' fine-tuning loads DINO-layout "
+                   "checkpoints)")
     p.add_argument("--clip-grad", type=positive, default=3.0,
                    help="max gradient norm of the student encoder, prototypes excluded (MSN "
                    "config)")
     p.add_argument("--momentum-teacher", type=fraction, default=0.996,
-                   help="EMA momentum, linear towards 1 over 1.25x the run (MSN's msn_train.py)")
+                   help="EMA momentum at the start, rising towards 1 as --schedules says "
+                   "(MSN's msn_train.py)")
     p.add_argument("--drop-path", type=nonneg, default=0.0,
                    help="student stochastic depth (MSN config)")
     p.add_argument("--n-prototypes", type=count, default=1024, help="K (§3.3)")
@@ -99,16 +116,26 @@ def get_args(argv=None):
     p.add_argument("--global-size", type=patch_multiple, default=224,
                    help="global crop side (§3.2)")
     p.add_argument("--local-size", type=patch_multiple, default=96, help="local crop side (§3.2)")
-    p.add_argument("--n-global", type=count, default=2, help="M global views (DINO's 2)")
-    p.add_argument("--n-local", type=count, default=8, help="N local views (unstated; DINO's 8)")
+    p.add_argument("--n-global", type=count, default=2,
+                   help="M global views (unstated; DINO's 2, MSN config's 2 random views)")
+    p.add_argument("--n-local", type=count, default=8,
+                   help="N local views (unstated; DINO's 8, MSN config's 10 focal views)")
     p.add_argument("--arcface", default=None, help="ONNX recogniser: enables the face-aware "
                    "retrieval (§3)")
     p.add_argument("--arcface-raw-input", action="store_true", help="the ONNX graph normalises "
                    "inside (old MXNet exports): feed it 0..255")
+    p.add_argument("--arcface-batch", type=count, default=512,
+                   help="the most crops one recogniser call embeds: its activations bound the "
+                   "recogniser's memory (an IResNet-50's largest: about 3 MB a crop)")
+    p.add_argument("--arcface-device", default="auto", choices=["auto", "cpu"],
+                   help="where the recogniser runs: the training device (auto; a GPU needs "
+                   "onnxruntime-gpu), or onnxruntime's CPU provider on purpose (cpu: slower, the "
+                   "crops copied to the host)")
     p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below "
                    "are displaced (§3)")
     p.add_argument("--n-candidates", type=count, default=12, help="C local candidates per image "
-                   "with --arcface (at least --n-local)")
+                   "with --arcface, at least --n-local (unstated anywhere: 1.5 N, so that a third "
+                   "can be rejected before a slot takes a candidate again)")
     p.add_argument("--n-images", type=count, default=None, help="pretrain on this many images "
                    "drawn at random by --seed (ProS-1M-real of Tables 1-4: 1000000 of MS1M; "
                    "default: all)")
@@ -120,14 +147,13 @@ def get_args(argv=None):
                    "last one is this many minutes old, so a crash loses at most that much (0: "
                    "never)")
     p.add_argument("--log-every", type=count, default=10, help="steps between log.jsonl lines and "
-                   "the checks (the loop reads the device only then); under torchrun, where "
-                   "Ctrl-C/SIGTERM stop")
+                   "the checks (the loop reads the device only then)")
     p.add_argument("--workers", type=at_least(0), default=8, help="DataLoader processes per "
                    "training process")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 "
-                   "autocast of the networks (the loss stays fp32); default: on CUDA only. Faster "
-                   "on a CPU with native bf16 (AVX512-BF16, AMX), far slower on one without "
-                   "(python bench.py --bf16)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast of the networks, the loss in fp32 (default: on a GPU of "
+                   "compute capability 8.0 or later, else off). Faster on a CPU with native bf16 "
+                   "(AVX512-BF16, AMX), far slower on one without (python bench.py --bf16)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (data order, crops, init)")
     p.add_argument("--probe-attr", default=None, help="CelebA-layout folder on which the "
                    "teacher's frozen features are probed (probe.py) at the end; default: the toy "
@@ -149,7 +175,8 @@ def get_args(argv=None):
 
 # Flags that do not change what a run computes: where it writes, how it loads, logs and probes.
 NOT_SETTINGS = ("out", "data_root", "workers", "log_every", "save_every", "save_every_min",
-                "probe_attr", "probe_expr", "probe_images", "probe_every")
+                "probe_attr", "probe_expr", "probe_images", "probe_every", "arcface_device",
+                "arcface_batch")
 
 
 def run_settings(args, world, n_images):
@@ -165,6 +192,12 @@ def setup_distributed():
     """(rank, world size, device). Under torchrun: NCCL on CUDA, gloo on CPU; else one process."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
+        tasks = int(os.environ.get("SLURM_NTASKS", 1))
+        if tasks > 1 and "SLURM_PROCID" in os.environ:  # srun started copies of this script
+            raise ValueError(f"SLURM_NTASKS={tasks} but no RANK: the {tasks} tasks would train "
+                             f"{tasks} separate runs into one --out. Launch one torchrun per node "
+                             f"(srun --ntasks-per-node 1 torchrun ...), or export RANK, "
+                             f"WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT per task")
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     # a scheduler that binds one GPU per task (SLURM) shows each process a single device
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
@@ -178,22 +211,34 @@ def setup_distributed():
 
 
 def native_bf16(device):
-    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
-    AVX512-BF16 or AMX. Elsewhere autocast emulates bf16, many times slower than fp32 (python
-    bench.py --bf16 measures it)."""
+    """Whether `device` computes in bf16 natively: a CUDA GPU of compute capability 8.0 or later
+    (Ampere on; a V100 or T4 emulates it), or a CPU with AVX512-BF16 or AMX. Elsewhere autocast
+    emulates bf16, many times slower than fp32 (python bench.py --bf16 measures it)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def use_bf16(flag, device):
     """--bf16 / --no-bf16 as given (with a warning where bf16 is emulated); unset: bf16 autocast on
-    CUDA only."""
+    a GPU that computes it natively, fp32 elsewhere."""
     if flag and not native_bf16(device):
         print(f"warning: --bf16 on a {device.type} without native bf16 is emulated and far slower "
-              f"than fp32 "
-              "(--no-bf16)", file=sys.stderr)
-    return device.type == "cuda" if flag is None else flag
+              f"than fp32 (--no-bf16)", file=sys.stderr)
+    if flag is None:
+        return device.type == "cuda" and native_bf16(device)
+    return flag
+
+
+def stop_agreed(stop, world):
+    """Whether any process was asked to stop (Ctrl-C, SIGTERM): each step, one all-reduce of a
+    flag in host memory (gloo: no device sync), so that every process stops after the same step,
+    well within a cluster's grace period before SIGKILL."""
+    if world == 1:
+        return bool(stop.signum)
+    flag = torch.tensor([float(stop.signum > 0)])
+    dist.all_reduce(flag)
+    return flag.item() > 0
 
 
 def all_mean(values):
@@ -245,8 +290,7 @@ def stop_exit(signum, step, path):
     number."""
     if is_rank_zero():
         print(f"\n{signal.Signals(signum).name} at step {step}: checkpoint {path}; run the same "
-              f"command "
-              "again to resume", file=sys.stderr)
+              f"command again to resume", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
@@ -321,8 +365,7 @@ def load_resume(ckpt, path, settings, **parts):
             part.load_state_dict(ckpt[key])
         except (KeyError, RuntimeError, ValueError) as e:
             raise ValueError(f"{path}: cannot resume its '{key}' ({type(e).__name__}): a run with "
-                             f"other settings? "
-                             "Delete it or choose another --out") from None
+                             f"other settings? Delete it or choose another --out") from None
     return ckpt
 
 
@@ -432,16 +475,18 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
-def retrieve(global_crops, local_crops, arcface, args, generator):
+def retrieve(global_crops, local_crops, batch, arcface, args):
     """Face-aware retrieval for a batch, on the raw crops (before any augmentation, §3): one
     recogniser call for the global crops (B, M, ...) and one for the candidates (B, C, ...), where
-    they are (the GPU when there is one). Returns the indices (B, N) of the kept candidates, on
-    their device, and the selection counts."""
-    (B, M), C = global_crops.shape[:2], local_crops.shape[1]
-    emb = torch.cat([arcface.embed(c.flatten(0, 1)).view(B, n, -1).cpu()
-                     for c, n in ((global_crops, M), (local_crops, C))], 1)  # (B, M + C, D)
-    idx, stats = select_batch(emb, M, args.n_local, args.face_threshold, generator)
-    return idx.to(local_crops.device), stats
+    they are (the GPU when there is one), then the rule with the batch's drawn numbers. Returns the
+    indices (B, N) of the kept candidates and the selection counts (retrieval.SELECTION), on the
+    crops' device."""
+    device = global_crops.device
+    g, l = (arcface.embed(c.flatten(0, 1)).to(device).view(*c.shape[:2], -1)
+            for c in (global_crops, local_crops))  # (B, M, D), (B, C, D)
+    sim = similarity(g, l)  # (B, C)
+    keep = select(sim, args.n_local, args.face_threshold, batch["priority"], batch["reuse"])
+    return keep, selection_counts(sim, args.n_local, args.face_threshold)
 
 
 def training_step(model, teacher, optimizer, global_views, local_views, *, at, clip_grad, bf16):
@@ -474,15 +519,18 @@ def training_step(model, teacher, optimizer, global_views, local_views, *, at, c
 def schedules(args, total_steps, steps_per_epoch, scale):
     """step -> {lr, weight_decay, momentum}: pure functions of the step, so a resumed run follows
     the same curves. lr: linear warmup then cosine to --min-lr (§3.3), scaled by global batch /
-    256; weight decay and EMA momentum as MSN's code, over 1.25x the run."""
+    256; weight decay and EMA momentum as MSN's code (over 1.25x the run) or DINO's."""
     warmup = int(args.warmup_epochs * steps_per_epoch)
+    wd, m = (args.weight_decay, args.final_weight_decay), args.momentum_teacher
 
     def at(step):
-        return dict(lr=cosine_schedule(step, total_steps, args.lr * scale, args.min_lr, warmup,
-                                       args.warmup_lr * scale),
-                    weight_decay=weight_decay_schedule(step, total_steps, args.weight_decay,
-                                                       args.final_weight_decay),
-                    momentum=momentum_schedule(step, total_steps, args.momentum_teacher))
+        lr = cosine_schedule(step, total_steps, args.lr * scale, args.min_lr, warmup,
+                             args.warmup_lr * scale)
+        if args.schedules == "dino":  # main_dino.py: both cosine over the run
+            return dict(lr=lr, weight_decay=cosine_schedule(step, total_steps, *wd),
+                        momentum=cosine_schedule(step, total_steps, m, 1.0))
+        return dict(lr=lr, weight_decay=weight_decay_schedule(step, total_steps, *wd),
+                    momentum=momentum_schedule(step, total_steps, m))
     return at
 
 
@@ -558,9 +606,14 @@ def last_row(path):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    """Pretrain with Ctrl-C and SIGTERM handled from the start (see StopRequest)."""
-    with StopRequest() as stop:
-        train(args, stop)
+    """Pretrain with Ctrl-C and SIGTERM handled from the start (see StopRequest); the process
+    group is left on every exit, an error's and a stop's too."""
+    try:
+        with StopRequest() as stop:
+            train(args, stop)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def train(args, stop):
@@ -577,23 +630,28 @@ def train(args, stop):
         images = random_subset(images, args.n_images, args.seed)
     arcface = None
     if args.arcface:
-        arcface = ArcFace(args.arcface, normalize=not args.arcface_raw_input)
+        on_cpu = args.arcface_device == "cpu"
+        arcface = ArcFace(args.arcface, normalize=not args.arcface_raw_input,
+                          providers=["CPUExecutionProvider"] if on_cpu else None,
+                          max_batch=args.arcface_batch)
         arcface.session  # a broken model file fails here, before any training
+        if on_cpu and device.type == "cuda" and rank == 0:
+            print("warning: --arcface-device cpu: the recogniser runs on the CPU, each step's "
+                  "crops copied to the host (pip install onnxruntime-gpu runs it on the GPU)",
+                  file=sys.stderr)
     elif rank == 0:
         print("no --arcface: local crops are uncurated (no face-aware retrieval)")
     multicrop = MultiCrop(args.global_size, args.local_size, args.n_global, args.n_local,
-                          args.n_candidates if arcface else args.n_local)
+                          args.n_candidates if arcface else None)
     views = Views(images, multicrop, args.seed)
 
     model, teacher = build_models(args)
-    # batch statistics over all GPUs (MSN)
-    if world > 1 and args.projector_bn and device.type == "cuda":
-        model, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (model, teacher))
     model.to(device)
     teacher.to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index]
-                                  if device.type == "cuda" else None) \
-        if world > 1 else model
+    ddp = model  # several processes: gradients all-reduced in the backward pass
+    if world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+                                      else None)
     optimizer = torch.optim.AdamW(param_groups(model), fused=device.type == "cuda")
     judge = make_judge(args, device) if rank == 0 else None
 
@@ -619,8 +677,7 @@ def train(args, stop):
         if rank == 0:
             print(f"resuming {ckpt_path} at step {step} of {total_steps}" if step < total_steps else
                   f"{args.out} holds this run, complete ({step} steps): nothing to train; delete "
-                  f"it or "
-                  "choose another --out to train again")
+                  f"it or choose another --out to train again")
 
     if rank == 0:
         rewind_log(log_path, step)
@@ -647,6 +704,7 @@ def train(args, stop):
     log = open(log_path, "a") if rank == 0 else None
     tick, tick_step, saved_at = time.time(), step, time.time()
     pending_skipped = []  # this process's unreadable items since the last logging step
+    selection = torch.zeros(len(SELECTION), device=device)  # the retrieval's counts (SELECTION)
     while step < total_steps:
         epoch = step // steps_per_epoch
         loader = epoch_loader(views, args, epoch, step % steps_per_epoch, world=world, rank=rank,
@@ -655,14 +713,15 @@ def train(args, stop):
             if batch is None:
                 raise ValueError(f"{args.data}: all {len(names)} images of a batch were "
                                  f"unreadable, e.g. {names[0]}")
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             batch = to_device(batch, device)
             # crop, retrieve, augment (§3), here on the device
             global_crops, local_crops = multicrop.crops(batch)
-            local_params, rstats = batch["local_params"], {}
+            local_params = batch["local_params"]
             if arcface is not None:  # else C == N: all are kept
-                keep, rstats = retrieve(global_crops, local_crops, arcface, args, generator)
-                local_crops, local_params = take(local_crops, local_params, keep)
+                keep, counts = retrieve(global_crops, local_crops, batch, arcface, args)
+                selection = selection + counts
+                local_crops, local_params = take(local_crops, local_params, keep,
+                                                 batch["spare_params"])
             now = at(step)
             global_views = batch_views(global_crops, batch["global_params"])
             local_views = batch_views(local_crops, local_params)
@@ -673,16 +732,18 @@ def train(args, stop):
             pending_skipped += names
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             by_steps = args.save_every and step % args.save_every == 0
-            # one process needs no collective to stop now
-            alone_stopping = world == 1 and stop.signum
-            if not (step % args.log_every == 0 or epoch_end or by_steps or alone_stopping):
-                continue  # no host sync between logging steps
+            stopping = stop_agreed(stop, world)
+            if not (step % args.log_every == 0 or epoch_end or by_steps or stopping):
+                continue  # no device sync between logging steps
             # a logging step, the same on every process: one all-reduce for the log and the checks
             keys = ["loss", "cross_entropy", "mean_entropy", "teacher_entropy", "student_entropy",
                     "prototypes_used", "grad_norm"]
-            *means, n_skipped, stopping = all_mean([stats[k] for k in keys]
-                                                    + [len(pending_skipped), stop.signum > 0])
-            stats = dict(zip(keys, means))
+            *means, n_skipped = all_mean([stats[k] for k in keys] + list(selection)
+                                         + [len(pending_skipped)])
+            stats = dict(zip(keys, means[:len(keys)]))
+            # the retrieval's counts over every process since the last logging step
+            counts = {k: round(m * world) for k, m in zip(SELECTION, means[len(keys):])}
+            selection = torch.zeros(len(SELECTION), device=device)
             if n_skipped:  # the same on every process: all join the gather
                 skipped.update(gather_names(pending_skipped, world))
             pending_skipped = []
@@ -691,10 +752,11 @@ def train(args, stop):
                                          f"checkpoint is {ckpt_path}")
             if rank == 0:
                 rate = (step - tick_step) * global_batch / (time.time() - tick)
-                reject = rstats["rejected"] / rstats["candidates"] if rstats else 0.0
+                reject = counts["rejected"] / max(counts["candidates"], 1)
                 share, state = collapse_state(stats, args)
                 row = dict(step=step, epoch=step / steps_per_epoch, **now,
-                           images_per_s=rate, reject_rate=reject, skipped=len(skipped), **stats,
+                           images_per_s=rate, reject_rate=reject,
+                           all_rejected=counts["fallbacks"], skipped=len(skipped), **stats,
                            prototype_share=share, state=state)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -724,8 +786,6 @@ def train(args, stop):
               + (f"; {len(skipped)} unreadable images skipped, listed in {skipped_path}"
                  if skipped else "")
               + f"\nat the end: {summary(last_row(log_path), args, judge, probed)}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from crops import eval_crop, normalize
 from data import (ArgumentParser, at_least, data_root, load_image, patch_multiple,
-                  read_celeba, read_celeba_identities, read_rafdb, run_cli)
+                  read_celeba, read_celeba_identities, read_rafdb, run_cli, write_lines)
 import toyfaces
 from vit import ARCHS, load_pretrained
 
@@ -316,18 +316,29 @@ def table(columns):
     """{column name: {metric: value}} -> the printed table, one metric a row."""
     metrics = [k for k in NAMES if any(k in c for c in columns.values())]
     width = max(len(NAMES[k]) for k in metrics)
-    lines = [" " * (width + 2) + "".join(f"{name:>16}" for name in columns)]
+    sides = [max(14, len(name)) for name in columns]  # each column, 2 spaces apart
+    lines = [" " * width + "".join(f"  {name:>{w}}" for name, w in zip(columns, sides))]
     for k in metrics:
-        cells = "".join(f"{c[k]:16.2f}" if k in c else f"{'':>16}" for c in columns.values())
-        lines.append(f"{NAMES[k]:<{width}}  {cells}")
+        cells = "".join(f"  {c[k]:{w}.2f}" if k in c else "  " + " " * w
+                        for c, w in zip(columns.values(), sides))
+        lines.append(f"{NAMES[k]:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def markdown(columns):
+    """{column name: {metric: value}} -> a markdown table, one metric a row."""
+    metrics = [k for k in NAMES if any(k in c for c in columns.values())]
+    lines = ["| probe | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {NAMES[k]} | " + " | ".join(f"{c[k]:.2f}" if k in c else "" for c in
+                                             columns.values()) + " |" for k in metrics]
     return "\n".join(lines)
 
 
 def main():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint", default=None,
-                   help="a backbone checkpoint (ours, DINO, DeiT/timm, MAE, MSN); none: the "
-                   "references alone")
+    p.add_argument("--checkpoint", nargs="*", default=[],
+                   help="backbone checkpoints (ours, DINO, DeiT/timm, MAE, MSN), a column each, "
+                   "named by its folder; none: the references alone")
     p.add_argument("--arch", default="vit_small", choices=ARCHS, help="backbone (§3.2: ViT-S/16)")
     p.add_argument("--size", type=patch_multiple, default=224, help="input side (§3.2: 224)")
     p.add_argument("--seed", type=int, default=0,
@@ -342,27 +353,33 @@ def main():
     p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
     p.add_argument("--patch-size", type=at_least(1), default=16,
                    help="the random inits' patch side without --checkpoint (§3.2: 16); with one, "
-                   "the checkpoint's")
+                   "the first checkpoint's")
+    p.add_argument("--out", default=None, help="also write the table here, in markdown")
     a = p.parse_args()
     if a.attr is None and a.expr is None:
         sets = toy_sets(data_root(a.data_root), a.size, a.images)
     else:
         sets = probe_sets(a.attr, a.expr, a.size, a.images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    columns, patch = {}, a.patch_size
-    if a.checkpoint:
+    columns, patches = {}, []
+    for path in a.checkpoint:
         backbone = ARCHS[a.arch]()
-        load_pretrained(backbone, a.checkpoint)
-        patch = backbone.patch_size
-        columns["checkpoint"] = run_probes(backbone_features(backbone.to(device), device), sets)
+        load_pretrained(backbone, path)
+        patches.append(backbone.patch_size)
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        name = path if name in columns else name
+        columns[name] = run_probes(backbone_features(backbone.to(device), device), sets)
     for seed in range(a.seed, a.seed + a.seeds):
-        random_init = random_backbone(a.arch, seed, patch_size=patch).to(device)
-        columns[f"random, seed {seed}"] = run_probes(backbone_features(random_init, device), sets)
+        random_init = random_backbone(a.arch, seed, patch_size=(patches or [a.patch_size])[0])
+        columns[f"random, seed {seed}"] = run_probes(backbone_features(random_init.to(device),
+                                                                       device), sets)
     columns["raw pixels"] = run_probes(pixel_features, sets)
     print(table(columns))
-    if a.checkpoint:
-        g = gain(columns["checkpoint"], columns[f"random, seed {a.seed}"])
-        print(f"gain over random init (mean of {', '.join(HEADLINE)}): {g:+.2f} points")
+    for name in list(columns)[:len(a.checkpoint)]:
+        g = gain(columns[name], columns[f"random, seed {a.seed}"])
+        print(f"{name}: gain over random init (mean of {', '.join(HEADLINE)}): {g:+.2f} points")
+    if a.out:
+        write_lines(a.out, [markdown(columns)])
 
 if __name__ == "__main__":
     run_cli(main)

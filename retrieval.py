@@ -2,13 +2,15 @@
 similar to the global crops of the same image, displace the rest.
 
     python retrieval.py --arcface w600k_r50.onnx img1.jpg img2.jpg --out figure3.png
+    python retrieval.py      # the toy world's recogniser on its first 4 faces
 
-`ArcFace` runs any insightface-style recognition model with onnxruntime (docs/formats.md): one
-input (B, 3, H, W) RGB in (x - 127.5) / 127.5, H and W read from the model, output an embedding
-that we L2-normalise. `select` applies the paper's rule with threshold theta = -0.5: a candidate
-whose cosine similarity to the global crops is below theta is dropped, and the N local slots are
-filled from those that pass. The figure draws, per image, its global crops, the uncurated local
-crops (rejected ones framed in red, each with its similarity) and the curated crops that are kept.
+`select` applies the paper's rule with threshold theta = -0.5: a candidate whose cosine similarity
+to the global crops is below theta is dropped, and the N local slots are filled from those that
+pass; it works on a batch on the training device, in one pass. `ArcFace` runs any
+insightface-style recognition model with onnxruntime (docs/formats.md): one input (B, 3, H, W) RGB
+in (x - 127.5) / 127.5, H and W read from the model, output an embedding that we L2-normalise.
+The figure draws, per image, its global crops, the uncurated local crops (rejected ones framed in
+red, each with its similarity) and the curated crops that are kept.
 """
 import os
 
@@ -18,8 +20,53 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from crops import MultiCrop, contact_sheet
-from data import ArgumentParser, at_least, load_image, run_cli, to_rgb
+from data import ArgumentParser, at_least, data_root, load_image, run_cli, to_rgb, toy_faces
 
+
+# ----------------------------------------------------------------------------- the rule (§3)
+
+def similarity(global_emb, local_emb):
+    """Cosine similarity of each local candidate to the global crops of its image: global_emb
+    (..., M, D) and local_emb (..., C, D), unit norm -> (..., C).
+
+    We take the MEAN over the M globals: Eq. 3 pairs every local view with every global view, so a
+    kept crop should resemble the globals on average, not just one of them.
+    """
+    return (local_emb @ global_emb.transpose(-1, -2)).mean(-1)
+
+
+def select(sim, n_local, threshold, priority, draw):
+    """Indices (..., N) of the N local views to keep among an image's C candidates.
+
+    sim (..., C): the candidates' similarities; priority (..., C) and draw (..., N): uniform numbers
+    in [0, 1) that the image's worker drew with its other random numbers (MultiCrop). A candidate
+    below theta is displaced. The N slots take the passing candidates in the order of their
+    priority; when fewer than N pass, each slot left takes a passing one again (slot j: number
+    floor(draw_j * passing) in that order; the step gives it other augmentation parameters,
+    crops.take); when none passes, the N most similar are kept (a fallback, counted).
+    """
+    passing = sim >= threshold
+    n_pass = passing.sum(-1, keepdim=True)  # (..., 1)
+    # passing candidates first, in random order; then the others, the most similar first
+    order = torch.where(passing, priority, 2 - sim).argsort(-1)
+    slot = torch.arange(n_local, device=sim.device)
+    again = (slot >= n_pass) & (n_pass > 0)
+    return order.gather(-1, torch.where(again, (draw * n_pass).long(), slot))
+
+
+SELECTION = ("candidates", "rejected", "reused", "fallbacks")
+
+
+def selection_counts(sim, n_local, threshold):
+    """What `select` does to a batch sim (B, C), summed over its images, as a (4,) tensor on sim's
+    device: candidates, rejected (below theta), slots filled again, images with none passing."""
+    n_pass = (threshold <= sim).sum(-1)  # (B,) passing candidates per image
+    reused = (n_local - n_pass).clamp(min=0) * (n_pass > 0)
+    return torch.stack([n_pass.new_tensor(sim.numel()), sim.numel() - n_pass.sum(), reused.sum(),
+                        (n_pass == 0).sum()])
+
+
+# ----------------------------------------------------------------------------- the recogniser
 
 def onnx_providers(available):
     """onnxruntime's providers: CUDA on this process's GPU where there is one (under torchrun
@@ -30,8 +77,9 @@ def onnx_providers(available):
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in available:  # the recogniser would silently run on the CPU
         raise ValueError("CUDA is available but onnxruntime has no CUDA provider (the CPU build "
-                         "'onnxruntime' is installed, or an onnxruntime-gpu for another CUDA "
-                         "version): pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+                         "'onnxruntime' is installed): pip uninstall -y onnxruntime && pip "
+                         "install onnxruntime-gpu, or run the recogniser on the CPU on purpose: "
+                         "--arcface-device cpu")
     return [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}),
             "CPUExecutionProvider"]
 
@@ -44,11 +92,11 @@ class ArcFace:
     themselves: they are fed raw 0..255 values, as insightface does.
     """
 
-    def __init__(self, onnx_path, providers=None, threads=None, normalize=True):
+    def __init__(self, onnx_path, providers=None, threads=None, normalize=True, max_batch=512):
         if not os.path.isfile(onnx_path):
             raise FileNotFoundError(f"{onnx_path}: ArcFace model not found")
         self.path, self.threads, self.normalize = onnx_path, threads, normalize
-        self.providers = providers
+        self.providers, self.max_batch = providers, max_batch
         self._session = None
 
     def __getstate__(self):
@@ -72,6 +120,12 @@ class ArcFace:
             except Exception as e:
                 raise ValueError(f"{self.path}: not a loadable ONNX model "
                                  f"({str(e).splitlines()[0][:120]})") from None
+            wanted = {p if isinstance(p, str) else p[0] for p in providers}
+            if "CUDAExecutionProvider" in wanted - set(self._session.get_providers()):
+                raise ValueError(f"{self.path}: onnxruntime has a CUDA provider but could not "
+                                 f"load it (CUDA or cuDNN libraries of other versions?), so the "
+                                 f"recogniser would run on the CPU unannounced: repair "
+                                 f"onnxruntime-gpu, or choose the CPU: --arcface-device cpu")
             inp = self._session.get_inputs()[0]
             fixed_side = all(isinstance(s, int) for s in inp.shape[2:])
             if len(inp.shape) != 4 or inp.shape[1] != 3 or not fixed_side:
@@ -99,16 +153,15 @@ class ArcFace:
         return x.sub_(127.5).div_(127.5) if self.normalize else x
 
     def run(self, x):
-        """(B, 3, h, w) float32 -> (B, D) raw embeddings: one call per batch, or, for a graph with
-        a fixed batch, one per chunk of that size (a last, short chunk padded), on the CPU or the
-        GPU alike."""
-        size = self.fixed_batch or len(x)
+        """(B, 3, h, w) float32 -> (B, D) raw embeddings, on the CPU or the GPU alike: one call per
+        chunk of at most max_batch crops (its activations bound the recogniser's memory), or, for a
+        graph with a fixed batch, of that size (a last, short chunk padded)."""
         outs = []
-        for chunk in x.split(size):
-            pad = size - len(chunk)
-            if pad:
-                chunk = torch.cat([chunk, chunk.new_zeros((pad, *chunk.shape[1:]))])
-            outs.append(self._run_one(chunk)[:size - pad])
+        for chunk in x.split(self.fixed_batch or self.max_batch):
+            n = len(chunk)
+            if self.fixed_batch and n < self.fixed_batch:  # pad to the graph's batch
+                chunk = torch.cat([chunk, chunk.new_zeros(self.fixed_batch - n, *chunk.shape[1:])])
+            outs.append(self._run_one(chunk)[:n])
         return torch.cat(outs)
 
     def _run_one(self, x):
@@ -137,77 +190,35 @@ class ArcFace:
         return F.normalize(self.run(self.preprocess(images)).float(), dim=-1)
 
 
-def similarity(global_emb, local_emb):
-    """Cosine similarity of each local candidate to the global crops of its image: (C,).
-
-    We take the MEAN over the M globals: Eq. 3 pairs every local view with every global view, so a
-    kept crop should resemble the globals on average, not just one of them.
-    """
-    return (local_emb @ global_emb.T).mean(dim=1)
-
-
-def select(global_emb, local_emb, n_local, threshold=-0.5, generator=None):
-    """Indices of the N local views to keep among C candidates, and counts for logging.
-
-    global_emb (M, D), local_emb (C, D): unit-norm embeddings of one image's raw crops.
-    Candidates with similarity < threshold are displaced. The N slots are filled with the passing
-    candidates in random order; when fewer than N pass, passing ones are reused (drawn at random);
-    when none passes, the N most similar candidates are kept (a fallback: the image still trains,
-    and the count shows how often it happened).
-    """
-    sim = similarity(global_emb, local_emb)
-    passing = torch.nonzero(sim >= threshold).flatten()
-    n_pass = len(passing)
-    if n_pass == 0:
-        indices = sim.argsort(descending=True)[:n_local]
-        if len(indices) < n_local:
-            indices = indices[torch.arange(n_local) % len(indices)]
-    else:
-        order = passing[torch.randperm(n_pass, generator=generator)]
-        extra = order[torch.randint(n_pass, (max(0, n_local - n_pass),), generator=generator)]
-        indices = torch.cat([order[:n_local], extra])
-    stats = dict(candidates=len(sim), rejected=len(sim) - n_pass, reused=max(0, n_local - n_pass)
-                 if n_pass else 0,
-                 fallbacks=int(n_pass == 0))
-    return indices, stats
-
-
-def select_batch(embeddings, n_global, n_local, threshold=-0.5, generator=None):
-    """select() for a batch: embeddings (B, M + C, D) -> indices (B, N) and summed stats."""
-    picks, total = [], {}
-    for emb in embeddings:
-        idx, stats = select(emb[:n_global], emb[n_global:], n_local, threshold, generator)
-        picks.append(idx)
-        total = {k: total.get(k, 0) + v for k, v in stats.items()}
-    return torch.stack(picks), total
-
-
 # ----------------------------------------------------------------------------- Figure 3
 
 def figure3(arcface, images, n_local=8, n_candidates=12, threshold=-0.5, seed=0):
-    """Per image (PIL): its global crops, the uncurated local crops (what the student sees without
-    the retrieval; rejected ones framed in red, every one with its similarity) and the curated ones
-    kept."""
+    """Per image (PIL), three rows: its global crops; every local candidate, the uncurated crops,
+    each with its similarity to the globals and the rejected ones framed in red; the N the rule
+    keeps, the curated crops."""
     torch.manual_seed(seed)
     mc = MultiCrop(n_local=n_local, n_candidates=n_candidates)
-    rows, boxes, captions = [], [], []
-    for img in images:
+    rows, boxes, captions, labels = [], [], [], []
+    for k, img in enumerate(images):
         g, l = mc.sample(img)
         emb = arcface.embed(g + l)
         sim = similarity(emb[:len(g)], emb[len(g):])
-        keep, _ = select(emb[:len(g)], emb[len(g):], n_local, threshold)
-        rows += [g, l[:n_local], [l[i] for i in keep]]
-        boxes += [[None] * len(g), [(255, 0, 0) if s < threshold else None for s in sim[:n_local]],
+        keep = select(sim, n_local, threshold, torch.rand(n_candidates), torch.rand(n_local))
+        rows += [g, l, [l[i] for i in keep]]
+        boxes += [[None] * len(g), [(255, 0, 0) if s < threshold else None for s in sim],
                   [None] * n_local]
-        captions += [["global"] + [None] * (len(g) - 1), [f"{s:.2f}" for s in sim[:n_local]],
-                     ["curated"] + [None] * (n_local - 1)]
-    return contact_sheet(rows, boxes=boxes, captions=captions)
+        captions += [[None] * len(g), [f"#{i + 1}: {s:.2f}" for i, s in enumerate(sim)],
+                     [f"#{i + 1}" for i in keep.tolist()]]
+        labels += [f"image {k + 1}: global", f"{n_candidates} candidates",
+                   f"kept (theta {threshold:g})"]
+    return contact_sheet(rows, boxes=boxes, captions=captions, labels=labels)
 
 
 def main():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("images", nargs="+", help="face images")
-    p.add_argument("--arcface", required=True, help="ONNX recognition model (insightface layout)")
+    p.add_argument("images", nargs="*", help="face images (default: the toy world's first 4)")
+    p.add_argument("--arcface", default=None, help="ONNX recognition model, insightface layout "
+                   "(default: the toy world's arcface.onnx)")
     p.add_argument("--face-threshold", type=float, default=-0.5, help="theta: candidates below "
                    "are displaced (§3)")
     p.add_argument("--n-local", type=at_least(1), default=8, help="N local crops")
@@ -217,6 +228,8 @@ def main():
                    "MXNet exports)")
     p.add_argument("--out", default="figure3.png", help="the Fig. 3 sheet (PNG)")
     a = p.parse_args()
+    a.images = a.images or toy_faces(4)
+    a.arcface = a.arcface or os.path.join(data_root(None), "toy", "arcface.onnx")
     images = [load_image(path) for path in a.images]
     bad = [path for path, img in zip(a.images, images) if img is None]
     if bad:

@@ -629,7 +629,7 @@ def evaluate_recognizer(path, seed=0, n_ids=200):
         boxes = torch.cat([mc.boxes(s["image"], 2, mc.global_scale),
                            mc.boxes(s["image"], 16, mc.local_scale)])  # (18, 4)
         one = collate([dict(image=pil_to_tensor(s["image"]), boxes=boxes)])
-        emb = face.embed(resized_crops(one["image"], one["size"], one["boxes"], 112)[0])
+        emb = face.embed(resized_crops(one["image"], one["boxes"], 112)[0])
         sims = similarity(emb[:2], emb[2:])
         for (top, left, h, w), sim in zip(boxes[2:].tolist(), sims.tolist()):
             overlap = max(0, min(left + w, x1) - max(left,
@@ -671,17 +671,29 @@ def write_world(out, images=DEFAULT_IMAGES, seed=0, workers=None, recognizer_ste
     os.makedirs(out, exist_ok=True)
     per_id = 10
     n_ids = max(2, images // per_id)
+    sizes = dict(celeba=max(20, images), rafdb=max(20, images * 3 // 4), w300=max(40, images // 2))
+    recognizer_ids = max(4, min(120, images // 20))
+    start = time.time()
+    print(f"toy world, stage 1 of 7: MS1M, {n_ids * per_id} images", flush=True)
     write_recordio(os.path.join(out, "ms1m"), [per_id] * n_ids, seed, workers)
-    write_celeba(os.path.join(out, "celeba"), max(20, images), seed, workers)
-    write_rafdb(os.path.join(out, "rafdb"), max(20, images * 3 // 4), seed, workers)
-    write_300w(os.path.join(out, "300w"), max(40, images // 2), seed, workers)
+    rate = n_ids * per_id / (time.time() - start)
+    rest = sum(sizes.values()) + recognizer_ids * 12
+    print(f"  {rate:.0f} images/s here: stages 2-5 need about {rest / rate / 60:.1f} min more, "
+          f"then the recogniser trains for {recognizer_steps} steps (stage 6)", flush=True)
+    print(f"toy world, stage 2 of 7: CelebA, {sizes['celeba']} images", flush=True)
+    write_celeba(os.path.join(out, "celeba"), sizes["celeba"], seed, workers)
+    print(f"toy world, stage 3 of 7: RAF-DB, {sizes['rafdb']} images", flush=True)
+    write_rafdb(os.path.join(out, "rafdb"), sizes["rafdb"], seed, workers)
+    print(f"toy world, stage 4 of 7: 300W, {sizes['w300']} images", flush=True)
+    write_300w(os.path.join(out, "300w"), sizes["w300"], seed, workers)
     # the recogniser seeds torch: leave the caller's RNG as it was, so that a seeded run that
-    # generates
-    # the world on first use trains exactly as one that finds it already there
+    # generates the world on first use trains exactly as one that finds it already there
     with torch.random.fork_rng(devices=[]):
-        train_recognizer(os.path.join(out, "arcface.onnx"), seed,
-                         n_ids=max(4, min(120, images // 20)), steps=recognizer_steps,
-                         workers=workers)
+        print(f"toy world, stages 5 and 6 of 7: the recogniser's {recognizer_ids * 12} faces, "
+              f"then its training", flush=True)
+        train_recognizer(os.path.join(out, "arcface.onnx"), seed, n_ids=recognizer_ids,
+                         steps=recognizer_steps, workers=workers)
+        print("toy world, stage 7 of 7: the recogniser on held-out identities", flush=True)
         quality = evaluate_recognizer(os.path.join(out, "arcface.onnx"), seed)
     print("toy ArcFace on held-out identities: verification accuracy {verification_accuracy:.1%}; "
           "similarity to the global crops: {similarity_with_face:.2f} with a face, "
@@ -708,7 +720,7 @@ def ensure_world(root, images=DEFAULT_IMAGES, seed=0):
             time.sleep(1)
         return out
     os.makedirs(root, exist_ok=True)
-    print(f"generating the toy face world in {out} (first use; a few minutes on a CPU)")
+    print(f"generating the toy face world in {out} (first use, 7 stages)")
     tmp = tempfile.mkdtemp(prefix="toy.", dir=root)
     write_world(tmp, images, seed)
     try:

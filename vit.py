@@ -43,6 +43,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, return_attention=False):
+        """x (B, T, D) -> (B, T, D): multi-head self-attention. qkv(x)'s last dim holds q, k
+        and v one after the other, each split into num_heads heads of D / num_heads: reshape it
+        (B, T, 3, heads, D / heads). Each head attends with softmax(q k^T / sqrt(D / heads)) over
+        the keys; the heads' outputs, side by side again (B, T, D), go through proj.
+        return_attention: the attention maps (B, heads, T, T) instead."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads,
                                   D // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -197,10 +202,9 @@ def no_weight_decay(name, param):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# Where each known layout keeps its backbone. Ours (pretrain.py) is DINO's: {'teacher':
-# {'backbone.*',
-# 'head.*'}, 'student': ..., ...}, plus a bare `teacher_backbone.pth`.
-# ProS/DINO, MSN, DeiT/MAE, misc
+# Where each known layout keeps its backbone: ours (pretrain.py) is DINO's, {'teacher':
+# {'backbone.*', 'head.*'}, 'student': ..., ...}, plus a bare `teacher_backbone.pth`; then MSN's,
+# DeiT's and MAE's, and other trainers'.
 CONTAINER_KEYS = ("teacher", "target_encoder", "model", "state_dict")
 PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
 # Heads and pretraining-only parts that a backbone never uses; dropped and reported.
@@ -246,8 +250,7 @@ def extract_backbone_state(ckpt, source="state dict"):
             break
     if not isinstance(ckpt, dict) or not any(torch.is_tensor(v) for v in ckpt.values()):
         raise ValueError(f"{source}: no state dict found (expected one of the keys "
-                         f"{CONTAINER_KEYS} "
-                         "or a bare ViT state dict)")
+                         f"{CONTAINER_KEYS} or a bare ViT state dict)")
     state, dropped = {}, []
     for k, v in ckpt.items():
         if not torch.is_tensor(v):
