@@ -157,7 +157,7 @@ def collate(samples):
 # every box of the batch in one call, in fp32: each output pixel averages bilinear samples spread
 # over its own area (about one per input pixel covered), so a shrunk crop is antialiased and an
 # enlarged one bilinear. The crops differ from PIL's by the interpolation alone (test_all.py,
-# TestCrops). Images travel whole: resize large photos first.
+# TestCrops). Images travel whole, their shorter side at most twice the global crop's (`shrink`).
 
 def resized_crops(images, boxes, n_out):
     """uint8 images (B, 3, H, W) padded as `collate` pads them, and boxes (B, n, 4) as (top, left,
@@ -327,7 +327,8 @@ def batch_views(crops, params):
 
 def take(crops, params, idx, spare):
     """Views idx (B, N) of each image: the crops (B, N, ...) and their parameters. A candidate kept
-    a second time in a row takes that slot's spare parameters (MultiCrop.spare) instead of its own:
+    a second time in a row takes that slot's spare parameters (MultiCrop.selection) instead of its
+    own:
     the same crop, another view."""
     rows = torch.arange(len(idx), device=idx.device)[:, None]
     again = (idx[:, :, None] == idx[:, None, :]).tril(-1).any(-1)  # (B, N): kept earlier in the row

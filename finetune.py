@@ -27,7 +27,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision.transforms import v2
@@ -38,9 +37,9 @@ import data
 from data import (ArgumentParser, above, at_least, check_settings, data_root, fraction,
                   ignore_stop_signals, load_image, patch_multiple, probability, write_lines)
 from loss import cosine_schedule, ema_update
-from pretrain import (StopRequest, Views, all_mean, checkpoint_due, collate, from_rank_zero,
-                      gather_names, load_resume, read_if_there, restore_rng, rng_state,
-                      save_atomic, setup_distributed, stop_agreed, stop_exit, use_bf16)
+from pretrain import (StopRequest, Views, all_mean, checkpoint_due, collate, distributed,
+                      from_rank_zero, gather_names, load_resume, read_if_there, restore_rng,
+                      rng_state, save_atomic, setup_distributed, stop_agreed, stop_exit, use_bf16)
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 BICUBIC = v2.InterpolationMode.BICUBIC
@@ -433,10 +432,7 @@ def train_one(task, args, train_set, tests, run, ctx):
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    ddp = model  # several processes: gradients all-reduced in the backward pass
-    if world > 1:
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
-                                      else None)
+    ddp = distributed(model, world, device)
     decay = task.ema_decay(args)
     ema = copy.deepcopy(model).requires_grad_(False) if decay else None
     groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay,

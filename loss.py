@@ -10,11 +10,11 @@ teacher update and the schedules.
 Eq. 4 as printed is the student predictions summed over the B images and their N local views and
 divided by B x D, with no entropy taken; the text calls it "the entropy regularization [2]" and
 MSN's me-max, which this loss follows, is the entropy of the mean prediction: that is what we
-compute. Features and prototypes are L2-normalised ("All the output
-features are L2 normalized"), so p . f is a cosine similarity. No centering: the mean-entropy term
-is the paper's anti-collapse mechanism, and the sharp teacher (tau_g = 0.025 < tau_l = 0.1) gives
-the targets. `sinkhorn=True` also spreads the targets over the prototypes with Sinkhorn-Knopp, as
-MSN's released config does (pretrain.py's default; --no-sinkhorn is Eq. 2 alone).
+compute. Features and prototypes are L2-normalised ("All the output features are L2 normalized"),
+so p . f is a cosine similarity. No centering: the mean-entropy term is the paper's anti-collapse
+mechanism, and the sharp teacher (tau_g = 0.025 < tau_l = 0.1) gives the targets.
+`sinkhorn=True` also spreads the targets over the prototypes with Sinkhorn-Knopp, as MSN's released
+config does (pretrain.py's default; --no-sinkhorn is Eq. 2 alone).
 """
 import math
 
@@ -66,9 +66,14 @@ class _AllReduceMean(torch.autograd.Function):
         return grad / dist.get_world_size()
 
 
+def world_size():
+    """The number of processes training together (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def global_mean(x):
     """Mean over dim 0 and over all processes, differentiable: (n, K) -> (K,)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         return _AllReduceMean.apply(x.mean(0))
     return x.mean(0)
 
@@ -80,7 +85,7 @@ class GlobalBatchNorm(nn.BatchNorm1d):
     Every process holds the same number of images."""
 
     def forward(self, x):
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = world_size()
         if not self.training or world == 1:
             return super().forward(x)
         mean = global_mean(x)  # (C,)
@@ -97,10 +102,9 @@ class GlobalBatchNorm(nn.BatchNorm1d):
 def sinkhorn(p, iterations=3):
     """Sinkhorn-Knopp (MSN's distributed_sinkhorn): rescale teacher predictions (n, K) so that every
     prototype gets an equal share of the global batch, each row still summing to 1."""
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    reduce = dist.all_reduce if distributed else (lambda t: t)
+    reduce = dist.all_reduce if world_size() > 1 else (lambda t: t)
     Q = p.T.clone()  # (K, n)
-    K, n = Q.shape[0], Q.shape[1] * (dist.get_world_size() if distributed else 1)
+    K, n = Q.shape[0], Q.shape[1] * world_size()
     total = Q.sum()
     reduce(total)
     Q /= total

@@ -241,6 +241,15 @@ def stop_agreed(stop, world):
     return flag.item() > 0
 
 
+def distributed(model, world, device):
+    """The model DDP-wrapped where several processes train it (gradients all-reduced in the
+    backward pass), else itself."""
+    if world == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=None if device.index is None
+                                   else [device.index])
+
+
 def all_mean(values):
     """Average numbers and 0-d tensors over processes in one all-reduce, on the tensors' device (for
     logging and the collective checks); returns floats. A logging step's one host sync."""
@@ -648,10 +657,7 @@ def train(args, stop):
     model, teacher = build_models(args)
     model.to(device)
     teacher.to(device)
-    ddp = model  # several processes: gradients all-reduced in the backward pass
-    if world > 1:
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
-                                      else None)
+    ddp = distributed(model, world, device)
     optimizer = torch.optim.AdamW(param_groups(model), fused=device.type == "cuda")
     judge = make_judge(args, device) if rank == 0 else None
 
@@ -719,7 +725,7 @@ def train(args, stop):
             local_params = batch["local_params"]
             if arcface is not None:  # else C == N: all are kept
                 keep, counts = retrieve(global_crops, local_crops, batch, arcface, args)
-                selection = selection + counts
+                selection += counts
                 local_crops, local_params = take(local_crops, local_params, keep,
                                                  batch["spare_params"])
             now = at(step)
@@ -743,7 +749,7 @@ def train(args, stop):
             stats = dict(zip(keys, means[:len(keys)]))
             # the retrieval's counts over every process since the last logging step
             counts = {k: round(m * world) for k, m in zip(SELECTION, means[len(keys):])}
-            selection = torch.zeros(len(SELECTION), device=device)
+            selection.zero_()
             if n_skipped:  # the same on every process: all join the gather
                 skipped.update(gather_names(pending_skipped, world))
             pending_skipped = []
