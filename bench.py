@@ -20,7 +20,8 @@ loader:    a DataLoader worker's CPU milliseconds per image at the paper's sizes
 pipeline:  the toy pretraining as reproduce.sh runs it (ViT-Ti, 64 / 32 px, batch 64, one worker,
            the toy recogniser), loading + crops + retrieval + augmentation + step, with the
            baseline's per-crop cuts and augmentation in the worker vs the batch cut and augmented
-           on the device, interleaved: images/s of each and the ratio.
+           on the device, interleaved: images/s of each and the ratio; and the host syncs of one
+           batched step (run.HostSyncs).
 The last line gives the CPU cores a training device needs for its loader workers, from the
 worker's milliseconds per image, at the measured step rate and at --rate.
 Medians over the timed steps; the first steps are warm-up.
@@ -40,11 +41,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+import data
 import pretrain
+import run
 from crops import MultiCrop, batch_views, collate, normalize, take
-from data import ArgumentParser, at_least, to_rgb
+from data import to_rgb
 from loss import PrototypeLoss, ProjectionHead
 from retrieval import ArcFace
+from run import ArgumentParser, at_least
 
 
 def peak_memory_reset(device):
@@ -70,7 +74,7 @@ def make_step(backbone, device, args):
     teacher = copy.deepcopy(student).requires_grad_(False)
     model = pretrain.ProS(student, PrototypeLoss()).to(device)
     teacher.to(device)
-    opt = torch.optim.AdamW(pretrain.param_groups(model))
+    opt = torch.optim.AdamW(pretrain.param_groups(model), fused=True)
     B = args.batch_size
     g = torch.randn(B, 2, 3, 224, 224, device=device)
     l = torch.randn(B, 8, 3, 96, 96, device=device)
@@ -214,7 +218,8 @@ class PerCropViews:
                                        (mc.n_candidates, mc.local_scale, mc.local_size)))
         return dict(global_crops=to_tensor(g), local_crops=to_tensor(l),
                     global_views=torch.stack([self.recipes[i % 2](c) for i, c in enumerate(g)]),
-                    local_views=torch.stack([self.local_recipe(c) for c in l]))
+                    local_views=torch.stack([self.local_recipe(c) for c in l]),
+                    priority=torch.rand(mc.n_candidates), reuse=torch.rand(mc.n_local))
 
 
 # ----------------------------------------------------------------------------- loader, pipeline
@@ -251,7 +256,7 @@ def bench_loader(args, device):
           f"thread): per-crop pipeline {before:.1f}, boxes + parameters {after:.1f} "
           f"({before / after:.1f}x less)")
     # a batch of B images on the device: its crops, then the kept views augmented
-    batch = pretrain.to_device(collate([mc(img) for _ in range(args.batch_size)]), device)
+    batch = run.to_device(collate([mc(img) for _ in range(args.batch_size)]), device)
     g, l = mc.crops(batch)
     keep = torch.arange(8, device=device).expand(args.batch_size, 8)
     local = take(l, batch["local_params"], keep, batch["spare_params"])
@@ -270,24 +275,21 @@ def toy_pipeline(baseline, argv, device, bf16):
     """A toy pretraining set up as reproduce.sh runs it; returns step(), one training step that
     loads a batch, retrieves, augments and trains: with the baseline's per-crop cuts and
     augmentation in the worker, or with the batch cut and augmented on the device."""
-    import data
     pa = pretrain.get_args(argv)
-    model, teacher = pretrain.build_models(pa)
-    model.to(device)
-    teacher.to(device)
-    opt = torch.optim.AdamW(pretrain.param_groups(model))
+    model, teacher = pretrain.build_models(pa, device)
+    opt = torch.optim.AdamW(pretrain.param_groups(model), fused=True)
     mc = MultiCrop(pa.global_size, pa.local_size, pa.n_global, pa.n_local, pa.n_candidates)
-    views = pretrain.Views(data.pretrain_dataset(pa.data), PerCropViews(mc) if baseline else mc, 0)
+    views = data.Views(data.pretrain_dataset(pa.data), PerCropViews(mc) if baseline else mc, 0)
     stack = default_collate if baseline else collate
     loader = iter(DataLoader(views, batch_size=pa.batch_size, shuffle=True,
                              num_workers=pa.workers, pin_memory=device.type == "cuda",
-                             collate_fn=partial(pretrain.collate, stack=stack),
+                             collate_fn=partial(data.collate, stack=stack),
                              generator=torch.Generator().manual_seed(0)))
     arcface = ArcFace(pa.arcface)
     at = dict(lr=1e-4, weight_decay=0.04, momentum=0.996)
 
     def step():
-        batch = pretrain.to_device(next(loader)[0], device)
+        batch = run.to_device(next(loader)[0], device)
         crops = (batch["global_crops"], batch["local_crops"]) if baseline else mc.crops(batch)
         keep, _ = pretrain.retrieve(*crops, batch, arcface, pa)
         if baseline:  # augmented in the worker
@@ -301,7 +303,6 @@ def toy_pipeline(baseline, argv, device, bf16):
 
 
 def bench_pipeline(args, device):
-    import data
     import toyfaces
     world = toyfaces.ensure_world(data.data_root(None))
     argv = ["--data", os.path.join(world, "ms1m"), "--arch", "vit_tiny", "--batch-size", "64",
@@ -319,6 +320,11 @@ def bench_pipeline(args, device):
     (a, ra), (b, rb) = rate.items()
     print(f"pipeline: toy pretraining as reproduce.sh runs it, {a} {ra:.1f} images/s, {b} "
           f"{rb:.1f} images/s ({rb / ra:.2f}x)")
+    with run.HostSyncs() as syncs:
+        steps[b]()
+    print(f"pipeline: {b}, host syncs in a step (counted on the {device.type}: value reads, "
+          f"data-dependent sizes; the recogniser's own copies aside): {syncs.count} "
+          f"{syncs.ops or ''}")
 
 
 def main():
@@ -344,7 +350,7 @@ def main():
         raise SystemExit("error: --device cuda: torch sees no CUDA device")
     device = torch.device("cuda" if cuda else "cpu")
     args.batch_size = args.batch_size or (64 if cuda else 4)
-    args.bf16 = pretrain.use_bf16(args.bf16, device)
+    args.bf16 = run.use_bf16(args.bf16, device)
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, bf16 "
           f"{args.bf16}, batch {args.batch_size}")
     out = {}

@@ -28,9 +28,11 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from data import ArgumentParser, at_least, load_image, run_cli, to_rgb, toy_faces
+from data import load_image, to_rgb, toy_faces
+from run import ArgumentParser, at_least, run_cli
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MAX_SIGMA = 2.0  # the top of DINO's blur radii, U(0.1, 2.0): the blur's taps reach 3x it
 
 
 # ----------------------------------------------------------------------------- per image (workers)
@@ -48,13 +50,15 @@ class MultiCrop:
     def __init__(self, global_size=224, local_size=96, n_global=2, n_local=8, n_candidates=None,
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), flip_p=0.5,
                  jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=(1.0, 0.1, 0.5),
-                 solarize_p=0.2, sigma=(0.1, 2.0)):
+                 solarize_p=0.2, sigma=(0.1, MAX_SIGMA)):
         self.global_size, self.local_size, self.n_global = global_size, local_size, n_global
         # C >= N candidates; C == N when nothing is filtered
         self.n_candidates, self.n_local = n_candidates or n_local, n_local
         self.retrieval = n_candidates is not None
         if self.n_candidates < n_local:
             raise ValueError(f"n_candidates ({self.n_candidates}) must be >= n_local ({n_local})")
+        if not 0 < sigma[0] <= sigma[1] <= MAX_SIGMA:
+            raise ValueError(f"sigma {sigma}: expected 0 < low <= high <= {MAX_SIGMA} (MAX_SIGMA)")
         self.global_scale, self.local_scale = global_scale, local_scale
         self.flip_p, self.jitter_p, self.gray_p, self.sigma = flip_p, jitter_p, gray_p, sigma
         # ColorJitter's ranges: brightness, contrast, saturation around 1, hue around 0
@@ -174,17 +178,17 @@ def resized_crops(images, boxes, n_out):
 # ----------------------------------------------------------------- per batch (device): augmentation
 # Each operation takes float views (V, 3, H, W) in [0, 1] and a per-view mask or parameter, and
 # equals torchvision's per-image functional with that view's parameters (test_all.py, TestCrops).
+# Each computes on every view and keeps the result where the view's mask holds: no boolean indexing
+# and no size read from the data, so the host never waits for the device (test_all.py counts).
 
-def masked(x, on, fn, *params):
-    """fn on the views where `on` holds, with their rows of `params`; the others untouched."""
-    if on.any():
-        x[on] = fn(x[on], *(p[on] for p in params))
-    return x
+def masked(x, on, y):
+    """y on the views where `on` (V,) holds, x on the others."""
+    return torch.where(on.view(-1, 1, 1, 1), y, x)
 
 
 def flip(x, on):
     """DINO: RandomHorizontalFlip(0.5)."""
-    return masked(x, on, TF.horizontal_flip)
+    return masked(x, on, TF.horizontal_flip(x))
 
 
 def blend(x, y, factor):
@@ -222,15 +226,12 @@ def rgb_to_hsv(x):
 
 
 def hsv_to_rgb(x):
+    """(V, 3, H, W) HSV -> RGB: channel n (red 5, green 3, blue 1) is v - v s clamp(min(k, 4 - k),
+    0, 1) at k = (n + 6 h) mod 6, the sextant formula of torchvision and PIL in closed form."""
     h, s, v = x.unbind(-3)
-    i = (h * 6).floor()
-    f = h * 6 - i
-    p, q, t = ((v * (1 - s * w)).clamp(0, 1) for w in (torch.ones_like(f), f, 1 - f))
-    # the sextant i picks each channel from (v, p, q, t)
-    table = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]],
-                         device=x.device)
-    pick = table[:, i.long() % 6].movedim(0, 1)  # (V, 3, H, W)
-    return torch.stack([v, p, q, t], -3).gather(-3, pick)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(3, 1, 1)
+    k = (n + 6 * h[:, None]).remainder(6)  # (V, 3, H, W)
+    return v[:, None] - (v * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def hue(x, f):
@@ -242,18 +243,31 @@ def hue(x, f):
 JITTER = (brightness, contrast, saturation, hue)  # ColorJitter's order of its factors
 
 
+def blend_step(x, j, factors):
+    """Each view's brightness (j = 0), contrast (1) or saturation (2) with its factor: a blend with
+    black, the mean gray level, or the gray image (j = 3, hue, is left to color_jitter)."""
+    g = gray(x)
+    j4 = j.view(-1, 1, 1, 1)
+    other = torch.where(j4 == 0, 0.0, torch.where(j4 == 1, g.mean((-3, -2, -1), keepdim=True), g))
+    return blend(x, other, factors.gather(1, j.clamp(max=2)[:, None])[:, 0])
+
+
 def color_jitter(x, on, factors, order):
     """DINO: RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), its four adjustments in a
-    random order per view: at step k, view v applies JITTER[order[v, k]]."""
+    random order per view: at step k, view v applies JITTER[order[v, k]]. Hue, the costly one,
+    runs once for all views: the steps before each view's hue, the hue, the steps after it."""
+    hue_step = (order == 3).int().argmax(1)  # (V,)
     for k in range(4):
-        for j, fn in enumerate(JITTER):
-            x = masked(x, on & (order[:, k] == j), fn, factors[:, j])
+        x = masked(x, on & (k < hue_step), blend_step(x, order[:, k], factors))
+    x = masked(x, on, hue(x, factors[:, 3]))
+    for k in range(4):
+        x = masked(x, on & (k > hue_step), blend_step(x, order[:, k], factors))
     return x
 
 
 def grayscale(x, on):
     """DINO: RandomGrayscale(0.2), three equal channels."""
-    return masked(x, on, lambda v: gray(v).expand_as(v))
+    return masked(x, on, gray(x).expand_as(x))
 
 
 def gaussian_kernels(sigma, half):
@@ -263,10 +277,11 @@ def gaussian_kernels(sigma, half):
 
 
 def blur_views(x, sigma):
-    """A Gaussian blur with each view's sigma: two separable passes, reflect padding."""
+    """A Gaussian blur with each view's sigma: two separable passes, reflect padding. The taps reach
+    3 MAX_SIGMA, as PIL's reach 3 sigma (a smaller sigma's outer taps are zeros to float rounding);
+    at most the image's side (reflect padding needs that)."""
     V, C, H, W = x.shape
-    # taps out to 3 sigma, as PIL; at most the image's side (reflect padding needs that)
-    half = min(math.ceil(3 * sigma.max().item()), H - 1, W - 1)
+    half = min(math.ceil(3 * MAX_SIGMA), H - 1, W - 1)
     k = gaussian_kernels(sigma, half).repeat_interleave(C, 0)  # (V * C, 2 * half + 1)
     y = F.pad(x.reshape(1, V * C, H, W), (half, half, half, half), mode="reflect")
     y = F.conv2d(y, k[:, None, None, :], groups=V * C)  # rows
@@ -277,7 +292,7 @@ def blur_views(x, sigma):
 def gaussian_blur(x, sigma):
     """DINO: PIL's GaussianBlur with radius (its standard deviation) ~ U(0.1, 2.0), with the
     recipe's probability; sigma 0: no blur."""
-    return masked(x, sigma > 0, blur_views, sigma)
+    return masked(x, sigma > 0, blur_views(x, sigma.clamp(min=0.1)))
 
 
 def invert_bright(x):
@@ -287,7 +302,7 @@ def invert_bright(x):
 
 def solarize(x, on):
     """DINO: RandomSolarize(128) with probability 0.2, on the second global view only."""
-    return masked(x, on, invert_bright)
+    return masked(x, on, invert_bright(x))
 
 
 def augment(crops, params):

@@ -9,17 +9,16 @@
   such as `ms1m` under the data root, or a path; the format is detected from the files.
 - `read_celeba(path)`, `read_celeba_identities(path)`, `read_rafdb(path)`: the label files of
   CelebA and RAF-DB, which fine-tuning and the probe (probe.py) read.
+- `Views(images, transform, seed)` and `collate`: a dataset's items for a loader, each sample's
+  random numbers seeded by its index, the unreadable ones named and set aside.
 
 Every dataset yields RGB PIL images, or None for an image that cannot be decoded: the training loop
 skips and counts those, so one corrupt file never stops a run.
 """
-import argparse
 import io
 import json
 import os
-import signal
 import struct
-import sys
 import time
 
 import numpy as np
@@ -28,107 +27,12 @@ from PIL import Image
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from run import ArgumentParser, at_least, check_settings, ignore_stop_signals, run_cli, write_lines
+
 # RAF-DB's basic expressions, in the order of its labels 1..7 (what toyfaces.py draws, too)
 RAFDB_EXPRESSIONS = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 RECORDIO_MAGIC = 0xCED7230A
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every default (a None default: its help says
-    it)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def is_rank_zero():
-    """Whether this process prints: the only one, or rank 0 under torchrun."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with every default in --help, and a bad option's error on one line (under torchrun,
-    printed by rank 0 alone)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, **kwargs)
-
-    def error(self, message):
-        if is_rank_zero():
-            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def at_least(low, kind=int):
-    """argparse type: a number >= low; anything else is the parser's one-line error naming the
-    option."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what} >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-def above(low):
-    """argparse type: a float > low."""
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is None or not value > low:
-            raise argparse.ArgumentTypeError(f"expected a number > {low}, got {text!r}")
-        return value
-    return parse
-
-
-def fraction(text):
-    """argparse type: a float in (0, 1]."""
-    value = above(0.0)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return value
-
-
-def probability(text):
-    """argparse type: a float in [0, 1]."""
-    value = at_least(0.0, float)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
-    return value
-
-
-def patch_multiple(text):
-    """argparse type: an image side that the ViT's 16 px patches tile (§3.2: 224 -> 14 x 14, 96 ->
-    6 x 6)."""
-    value = at_least(16)(text)
-    if value % 16:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 16 (the patch size), got "
-                                         f"{text!r}")
-    return value
-
-
-def run_cli(main):
-    """A script's entry point: bad input (a missing file, a wrong format, a diverging run) is one
-    line on stderr and exit status 1, not a traceback; under torchrun rank 0 alone prints it."""
-    try:
-        main()
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}" if is_rank_zero() else 1)
-
-
-def ignore_stop_signals(_worker_id=None):
-    """A DataLoader worker's init: Ctrl-C and a cluster's SIGTERM reach every process of the job;
-    the training process handles them (it saves at its next logging step), its workers carry on
-    until it exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def data_root(arg=None):
@@ -336,6 +240,49 @@ def item_name(dataset, i):
     return dataset.name(i)
 
 
+# ----------------------------------------------------------------------------- for a loader
+
+class Views(torch.utils.data.Dataset):
+    """Index epoch * n + i -> transform(item i). Each sample seeds its own RNG from (seed, index),
+    so its random crops do not depend on workers, ranks or resuming; with --workers 0 the seeding
+    happens in a fork of the training process's RNG, so drop-path draws the same as with workers.
+    An unreadable item gives its name (data.item_name), to be skipped and listed."""
+
+    def __init__(self, images, transform, seed):
+        self.images, self.transform, self.seed = images, transform, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            i = index % len(self.images)
+            item = self.images[i]
+            if item is None:
+                return item_name(self.images, i)
+            return item if self.transform is None else self.transform(item)
+
+
+def collate(samples, stack=torch.utils.data.default_collate):
+    """(the readable samples stacked by `stack`, or None if none is; the names of the unreadable
+    ones, which Views gives in their place). Never fatal: the training loops skip, count and list
+    them."""
+    ok = [s for s in samples if not isinstance(s, str)]
+    names = [s for s in samples if isinstance(s, str)]
+    return (stack(ok) if ok else None), names
+
+
+def readable(loader, source, what="a batch"):
+    """A loader's (batch, names of the unreadable items); a batch with none readable is an error
+    naming `source`, the dataset."""
+    for batch, names in loader:
+        if batch is None:
+            raise ValueError(f"{source}: all {len(names)} images of {what} were unreadable, "
+                             f"e.g. {names[0]}")
+        yield batch, names
+
+
 # ----------------------------------------------------------------------------- labelled sets
 
 SPLITS = {"0": "train", "1": "val", "2": "test"}
@@ -478,25 +425,6 @@ def random_subset(images, n, seed):
                          f"the dataset")
     picks = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
     return Subset(images, picks.sort().values.tolist())
-
-
-def check_settings(saved, current, path, option="--out"):
-    """Refuse a checkpoint, result or export made with other settings: one line naming them and
-    the ways out (`option`: the flag that names the folder)."""
-    way_out = f"choose another {option}, or delete {os.path.dirname(path) or '.'} to start over"
-    if saved is None:
-        raise ValueError(f"{path} does not record the settings it was made with; {way_out}")
-    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if differ:
-        said = ", ".join(f"{k} {current.get(k)!r} (there: {saved.get(k)!r})" for k in differ)
-        raise ValueError(f"{path} was made with other settings: {said}; {way_out}")
-
-
-def write_lines(path, lines):
-    """A text file of one item per line, written atomically."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(f"{line}\n" for line in lines)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- export

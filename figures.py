@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 import data
+import run
 import vit
 from crops import contact_sheet, normalize
 from retrieval import ArcFace, figure3
@@ -84,7 +85,7 @@ def layout_2d(points):
 @torch.no_grad()
 def fig5(args):
     """Each prototype drawn at its 2-D position as its nearest training image (teacher features)."""
-    ckpt = vit.read_checkpoint(args.checkpoint)
+    ckpt = run.read_checkpoint(args.checkpoint)
     if not (isinstance(ckpt, dict) and {"args", "student", "teacher"} <= ckpt.keys()):
         raise ValueError(f"{args.checkpoint}: not pretrain.py's checkpoint.pth (Fig. 5 needs its "
                          f"prototypes and projector; teacher_backbone.pth holds the ViT alone)")
@@ -298,14 +299,14 @@ def table(args):
 
 
 def main(argv=None):
-    p = data.ArgumentParser(description=__doc__)
+    p = run.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="figure", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", default=None, help="PNG to write (default: <figure>.png)")
     common.add_argument("--images", nargs="*", default=None,
                         help="image files (default: from the toy world)")
     common.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
-    common.add_argument("--n", type=data.at_least(1), default=4, help="how many images")
+    common.add_argument("--n", type=run.at_least(1), default=4, help="how many images")
     common.add_argument("--seed", type=int, default=0, help="random crops (fig3)")
 
     def add(name, text):
@@ -313,14 +314,14 @@ def main(argv=None):
     f3 = add("fig3", "uncurated vs curated local crops (Fig. 3)")
     f3.add_argument("--arcface", required=True, help="ONNX recogniser")
     f3.add_argument("--face-threshold", type=float, default=-0.5, help="theta (§3)")
-    f3.add_argument("--n-local", type=data.at_least(1), default=8, help="N local crops")
-    f3.add_argument("--n-candidates", type=data.at_least(1), default=12, help="C candidates")
+    f3.add_argument("--n-local", type=run.at_least(1), default=8, help="N local crops")
+    f3.add_argument("--n-candidates", type=run.at_least(1), default=12, help="C candidates")
     f5 = add("fig5", "prototypes in 2-D with their nearest images (Fig. 5)")
     f5.add_argument("--checkpoint", required=True, help="pretrain.py's checkpoint.pth")
     f5.add_argument("--data", default=None, help="training images (default: the run's --data)")
-    f5.add_argument("--n-images", type=data.at_least(1), default=1000, help="training images "
+    f5.add_argument("--n-images", type=run.at_least(1), default=1000, help="training images "
                     "searched for neighbours")
-    f5.add_argument("--canvas", type=data.at_least(32), default=900,
+    f5.add_argument("--canvas", type=run.at_least(32), default=900,
                     help="side of the picture in pixels")
     f6 = add("fig6", "last-layer attention per head (Fig. 6)")
     f6.add_argument("--checkpoint", required=True, help="the pretrained teacher (any "
@@ -330,7 +331,7 @@ def main(argv=None):
                     "then RAF-DB)")
     f6.add_argument("--arch", default="vit_small", choices=vit.ARCHS,
                     help="backbone of both checkpoints")
-    f6.add_argument("--size", type=data.patch_multiple, default=224, help="input side")
+    f6.add_argument("--size", type=run.patch_multiple, default=224, help="input side")
     fc = add("curves", "training curves from log.jsonl")
     fc.add_argument("--log", required=True, help="pretrain.py's log.jsonl")
     ft = add("table", "markdown table of fine-tuning results (reproduce.sh)")
@@ -348,4 +349,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    run.run_cli(main)

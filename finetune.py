@@ -7,8 +7,9 @@ What every task shares (and only that): the backbone from --init (random, ours, 
 MAE, MSN: Table 1's baselines), end-to-end training with layer-wise lr decay or --head-only (frozen
 backbone), AdamW with per-iteration warmup + cosine, few-shot subsets (--frac), repeated runs
 (--runs: mean and std over seeds; §4.3 averages five), batched evaluation on the test split,
-results.json, DDP under torchrun, bf16 autocast (--bf16), checkpoint + resume.
-A task supplies its data, head, loss, predictions and metrics.
+results.json, DDP under torchrun, bf16 autocast (--bf16), checkpoint + resume (run.py).
+A task script hands over a `Task`: its data, network, loss, predictions, metrics and recipe, as
+plain functions and values; `train_one` is the loop, read top to bottom.
 
 Each run's checkpoint and result.json record the settings that made them: a run is resumed or its
 result reused only under the same settings (the console says so), and refused under others. Ctrl-C
@@ -22,8 +23,8 @@ import json
 import math
 import os
 import re
-import signal
-import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,13 +34,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from crops import IMAGENET_MEAN, IMAGENET_STD, eval_crop, normalize
-import data
-from data import (ArgumentParser, above, at_least, check_settings, data_root, fraction,
-                  ignore_stop_signals, load_image, patch_multiple, probability, write_lines)
+from data import Views, collate, data_root, load_image, readable
 from loss import cosine_schedule, ema_update
-from pretrain import (StopRequest, Views, all_mean, checkpoint_due, collate, distributed,
-                      from_rank_zero, gather_names, load_resume, read_if_there, restore_rng,
-                      rng_state, save_atomic, setup_distributed, stop_agreed, stop_exit, use_bf16)
+from run import (ArgumentParser, Run, above, add_run_args, at_least, check_settings, distributed,
+                 fraction, ignore_stop_signals, patch_multiple, probability, read_everywhere,
+                 read_json, run_cli, session, settings, setup_distributed, use_bf16, write_lines)
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 BICUBIC = v2.InterpolationMode.BICUBIC
@@ -54,7 +53,6 @@ def add_common_args(p, datasets, defaults, notes=None):
     p.add_argument("--dataset", default=datasets[0], choices=datasets,
                    help="the benchmark; toy: the toy world's layout of it (toyfaces.py)")
     p.add_argument("--data", default=None, help="dataset folder (default: <data root>/<dataset>)")
-    p.add_argument("--data-root", default=None, help="default: $PROS_DATA, else ./data")
     p.add_argument("--init", default="random", help="'random' or a checkpoint: ours "
                    "(teacher_backbone.pth or checkpoint.pth), DINO, DeiT/timm, MAE, MSN")
     p.add_argument("--arch", default="vit_small", choices=ARCHS,
@@ -91,16 +89,8 @@ def add_common_args(p, datasets, defaults, notes=None):
                    help="input side (§4.3: 224)")
     p.add_argument("--eval-every", type=at_least(0), default=0,
                    help="also evaluate every this many epochs (0: at the end)")
-    p.add_argument("--workers", type=at_least(0), default=4, help="DataLoader processes")
-    p.add_argument("--log-every", type=count, default=10, help="steps between progress updates, "
-                   "checks and time-based checkpoints (each a device sync)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on a GPU of compute capability 8.0 or later, "
-                   "else off); faster on a CPU with native bf16 (AVX512-BF16, AMX), far slower on "
-                   "one without")
-    p.add_argument("--save-every-min", type=nonneg, default=10.0, help="also checkpoint when the "
-                   "last one is this many minutes old (0: at the end only)")
-    p.add_argument("--out", default=None, help="results.json and checkpoints (default: "
+    g = add_run_args(p, workers=4)
+    g.add_argument("--out", default=None, help="results.json and checkpoints (default: "
                    "runs/<dataset>/<task>-<init>-<frac or nN>, e.g. runs/toy/attr-random-0.1)")
 
 
@@ -270,7 +260,7 @@ def few_shot_indices(n_train, frac, seed, count=None):
 class EpochSampler(torch.utils.data.Sampler):
     """epoch_indices() as a sampler, so one DataLoader (and its workers) serves every epoch:
     set_epoch(e, start) starts epoch e at its sample `start` (a resumed run). It yields epoch * n +
-    i for item i, the index that pretrain.Views seeds each sample's augmentation from."""
+    i for item i, the index that data.Views seeds each sample's augmentation from."""
 
     def __init__(self, n, count, seed, rank, world, weights=None):
         self.n, self.count, self.seed, self.rank, self.world = n, count, seed, rank, world
@@ -297,6 +287,33 @@ def epoch_indices(n, epoch, seed, rank, world, weights=None):
     return order[rank::world].tolist()
 
 
+# ----------------------------------------------------------------------------- a task
+
+@dataclass
+class Task:
+    """What a task script hands the shared recipe: its data, its network, plain functions and
+    values. model: backbone -> network; loss: (outputs, targets) -> scalar; predict: outputs ->
+    what metrics reads; metrics: (predictions, targets) -> {name: number}; main_metric: a key of
+    the flattened metrics (e.g. 'test/mean_accuracy'), which picks the best epoch; shown: the keys
+    printed; mix: a batch transform (images, labels) -> (images, soft labels) (mixup, cutmix);
+    schedule: total steps -> (step -> lr), else warmup and cosine (lr_schedule); backbone_lr: the
+    backbone's lr relative to the head's; ema_decay: evaluate an EMA copy (0: the network)."""
+    name: str
+    train: torch.utils.data.Dataset
+    tests: dict
+    model: Callable
+    loss: Callable
+    metrics: Callable
+    main_metric: str
+    shown: list
+    higher_is_better: bool = True
+    predict: Callable = None
+    mix: Callable = None
+    schedule: Callable = None
+    backbone_lr: float = 1.0
+    ema_decay: float = 0.0
+
+
 # ----------------------------------------------------------------------------- model and optimiser
 
 def build_backbone(args):
@@ -308,6 +325,19 @@ def build_backbone(args):
             raise ValueError(f"--patch-size {args.patch_size}: {args.init} holds a ViT with "
                              f"{backbone.patch_size} px patches")
     return backbone
+
+
+def build_model(task, args, proc):
+    """(the task's network on the device, its EMA copy or None): the backbone from --init, frozen
+    with --head-only; BatchNorm synchronised over GPUs (the landmark head, as mmseg)."""
+    model = task.model(build_backbone(args))
+    if args.head_only:
+        model.backbone.requires_grad_(False)
+    if proc.world > 1 and proc.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(proc.device)
+    ema = copy.deepcopy(model).requires_grad_(False) if task.ema_decay else None
+    return model, ema
 
 
 def param_groups_layer_decay(model, weight_decay, layer_decay, backbone_lr_scale=1.0):
@@ -337,65 +367,23 @@ def param_groups_layer_decay(model, weight_decay, layer_decay, backbone_lr_scale
     return list(groups.values())
 
 
-# ----------------------------------------------------------------------------- tasks
+def lr_schedule(args, total, steps_per_epoch):
+    """step -> lr: warmup then cosine to --min-lr; --lr is for a global batch of 256 and scales
+    with the nominal one, --batch-size (the linear scaling rule of the authors' MAE scripts), also
+    for a subset smaller than it."""
+    peak = args.lr * args.batch_size / 256
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    return lambda step: cosine_schedule(step, total, peak, args.min_lr, warmup)
 
-class Task:
-    """What a task script supplies. Subclasses set `name`, `main_metric` (a key of the flattened
-    metrics, e.g. 'test/mean_accuracy'), `higher_is_better`, `shown` (keys printed), and implement
-    add_args, datasets, build_model, loss, metrics. A train set with a `weights` tensor is sampled
-    with replacement in proportion to it (class-balanced sampling)."""
-    higher_is_better = True
-    mix = None  # a batch transform (images, labels) -> (images, soft labels): mixup/cutmix
 
-    def predict(self, model, images):
-        return model(images)
-
-    def lr_schedule(self, args, global_batch, total, steps_per_epoch):
-        """step -> lr: warmup then cosine to --min-lr; --lr is for a global batch of 256 and scales
-        with the nominal one, global_batch (the linear scaling rule of the authors' MAE scripts)."""
-        peak = args.lr * global_batch / 256
-        warmup = int(args.warmup_epochs * steps_per_epoch)
-        return lambda step: cosine_schedule(step, total, peak, args.min_lr, warmup)
-
-    def backbone_lr_scale(self, args):
-        """The backbone's lr relative to the head's, before layer decay."""
-        return 1.0
-
-    def ema_decay(self, args):
-        """Evaluate an EMA copy of the network with this decay (0: the trained network itself)."""
-        return 0.0
-
-    def summary(self, flat, std=None):
-        return ", ".join(f"{k} {flat[k]:.4f}" + (f" ({std[k]:.4f})" if std else "")
-                         for k in self.shown if k in flat)
+def ema_with_buffers(ema, model, decay):
+    """The evaluated EMA copy (FaRL): parameters averaged, buffers (BatchNorm statistics) copied."""
+    ema_update(ema, model, decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
 
 
 # ----------------------------------------------------------------------------- train and evaluate
-
-@torch.no_grad()
-def evaluate(task, model, dataset, args, device):
-    """Batched predictions over a test set -> (the task's metrics, the names of unreadable
-    images)."""
-    model.eval()
-    loader = DataLoader(Views(dataset, None, 0), batch_size=max(1, args.batch_size),
-                        num_workers=args.workers,
-                        collate_fn=collate, worker_init_fn=ignore_stop_signals)
-    preds, targets, skipped = [], [], []
-    for batch, names in tqdm(loader, desc="eval", leave=False):
-        skipped += names
-        if batch is None:
-            continue
-        images, target = batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            preds.append(task.predict(model, normalize(images.to(device))).float().cpu())
-        targets.append(target)
-    if not preds:
-        raise ValueError(f"{args.data}: none of the {len(dataset)} test images was readable")
-    metrics = task.metrics(torch.cat(preds), torch.cat(targets), dataset)
-    if skipped:
-        metrics["unreadable_images"] = len(skipped)
-    return metrics, skipped
-
 
 def batch_sizes(args, n_subset, world):
     """(images per process, steps per epoch): a subset smaller than --batch-size is one batch."""
@@ -406,160 +394,157 @@ def batch_sizes(args, n_subset, world):
     return per_process, n_subset // world // per_process
 
 
-def train_one(task, args, train_set, tests, run, ctx):
-    """One run (seed = args.seed + run): subset, model, training, final (and best) metrics. A
-    finished run with the same settings is reused, one with others refused."""
-    rank, world, device, stop = ctx
-    seed = args.seed + run
-    settings = dict(args.settings, seed=seed)
-    run_dir = os.path.join(args.out, f"run{run}")
-    result_path = os.path.join(run_dir, "result.json")
-    result = from_rank_zero(lambda: read_json(result_path), rank, world)
-    if result is not None:
-        check_settings(result.get("settings"), settings, result_path)
-        if rank == 0:
-            print(f"run {run}: {result_path} holds this run's result (same settings): reused, not "
-                  f"retrained")
-        return result
-    os.makedirs(run_dir, exist_ok=True)
-    subset = few_shot_indices(len(train_set), args.frac, seed, args.n_train)
-    train = torch.utils.data.Subset(train_set, subset)
-    torch.manual_seed(seed)
-    model = task.build_model(build_backbone(args), args)
-    if args.head_only:
-        model.backbone.requires_grad_(False)
-    # BatchNorm statistics over all GPUs (the landmark head, as mmseg)
-    if world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    ddp = distributed(model, world, device)
-    decay = task.ema_decay(args)
-    ema = copy.deepcopy(model).requires_grad_(False) if decay else None
-    groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay,
-                                      task.backbone_lr_scale(args))
-    optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
-    per_process, steps_per_epoch = batch_sizes(args, len(subset), world)
-    total = args.epochs * steps_per_epoch
-    # MAE's scripts scale by the nominal batch (--batch-size), also for a subset smaller than it
-    lr_at = task.lr_schedule(args, args.batch_size, total, steps_per_epoch)
-    weights = train_set.weights[subset] if getattr(train_set, "weights", None) is not None else None
-
-    ckpt_path = os.path.join(run_dir, "checkpoint.pth")
-    start_epoch, start_batch, history, skipped = 0, 0, [], set()
-    ckpt = from_rank_zero(lambda: read_if_there(ckpt_path), rank, world)
-    if ckpt is not None:
-        load_resume(ckpt, ckpt_path, settings, model=model, optimizer=optimizer,
-                    **({"ema": ema} if ema is not None else {}))
-        start_epoch, start_batch, history = ckpt["epoch"], ckpt["batch"], ckpt["history"]
-        skipped = set(ckpt["skipped"])
-        restore_rng(ckpt, device)
-        if rank == 0:
-            print(f"resuming {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
-
-    def save(epoch, batch):
-        if rank == 0:
-            parts = dict(model=model.state_dict(), optimizer=optimizer.state_dict())
-            if ema is not None:
-                parts["ema"] = ema.state_dict()
-            save_atomic(dict(parts, epoch=epoch, batch=batch, history=history,
-                             skipped=sorted(skipped),
-                             settings=settings, **rng_state(device)), ckpt_path)
-
-    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_batch, disable=rank != 0,
-               desc=f"run {run}", dynamic_ncols=True)
-    sampler = EpochSampler(len(subset), steps_per_epoch * per_process, seed, rank, world, weights)
-    # its own generator: creating the loader's iterator must not advance the global RNG (exact
-    # resume)
-    loader = DataLoader(Views(train, None, seed), batch_size=per_process, sampler=sampler,
-                        num_workers=args.workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda",
+def train_loader(task, subset, args, per_process, seed, proc):
+    """(sampler, loader) of the training subset, for every epoch: an epoch's full batches of
+    `per_process` images a process, class-balanced where the train set has `weights`."""
+    weights = getattr(task.train, "weights", None)
+    count = batch_sizes(args, len(subset), proc.world)[1] * per_process
+    sampler = EpochSampler(len(subset), count, seed, proc.rank, proc.world,
+                           None if weights is None else weights[subset])
+    # its own generator: creating the loader's iterator must not advance the global RNG
+    loader = DataLoader(Views(torch.utils.data.Subset(task.train, subset), None, seed),
+                        batch_size=per_process, sampler=sampler, num_workers=args.workers,
+                        collate_fn=collate, pin_memory=proc.device.type == "cuda",
                         persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(seed))
-    # pending: this process's unreadable images since the last sync
-    saved_at, pending = time.time(), []
-    for epoch in range(start_epoch, args.epochs):
+    return sampler, loader
+
+
+def train_step(task, model, optimizer, batch, bf16):
+    """One step on a batch: the images normalised on the device, mixed (mixup, cutmix), the task's
+    loss, AdamW. Returns the loss, a 0-d tensor on the device."""
+    images, targets = batch
+    device = next(model.parameters()).device
+    images = normalize(images.to(device, non_blocking=True))
+    targets = targets.to(device, non_blocking=True)
+    if task.mix is not None:
+        images, targets = task.mix(images, targets)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = task.loss(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_one(task, args, run, seed):
+    """One run (seed): the few-shot subset, the network, the epochs (an evaluation where due) and
+    the result; an interrupted run resumes where its checkpoint is."""
+    subset = few_shot_indices(len(task.train), args.frac, seed, args.n_train)
+    torch.manual_seed(seed)
+    model, ema = build_model(task, args, run)
+    ddp = distributed(model, run.world, run.device)
+    groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay, task.backbone_lr)
+    optimizer = torch.optim.AdamW(groups, fused=True)  # fused: no host sync, CPU or GPU
+    per_process, steps_per_epoch = batch_sizes(args, len(subset), run.world)
+    total = args.epochs * steps_per_epoch
+    lr_at = task.schedule(total) if task.schedule else lr_schedule(args, total, steps_per_epoch)
+    parts = dict(model=model, optimizer=optimizer, **({} if ema is None else {"ema": ema}))
+    ckpt = run.resume(**parts)
+    start, first, history = ckpt.get("epoch", 0), ckpt.get("batch", 0), ckpt.get("history", [])
+    if ckpt and run.rank == 0:
+        print(f"resuming {run.ckpt_path} at epoch {start}, batch {first}")
+    sampler, loader = train_loader(task, subset, args, per_process, seed, run)
+    run.progress(total, start * steps_per_epoch + first, f"run {seed - args.seed}")
+    for epoch in range(start, args.epochs):
         model.train()
         if args.head_only:
             model.backbone.eval()
-        first = start_batch if epoch == start_epoch else 0
         sampler.set_epoch(epoch, first * per_process)
-        stopping = False
-        for i, (batch, names) in enumerate(loader, first):
-            if batch is None:
-                raise ValueError(f"{args.data}: all {len(names)} images of a training batch were "
-                                 f"unreadable, e.g. {names[0]}")
-            images, targets = batch
+        for i, (batch, names) in enumerate(readable(loader, args.data, "a training batch"), first):
             step = epoch * steps_per_epoch + i
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step) * g["lr_scale"]
-            images = normalize(images.to(device, non_blocking=True))
-            targets = targets.to(device, non_blocking=True)
-            if task.mix is not None:  # mixup/cutmix: the whole batch, on the device
-                images, targets = task.mix(images, targets)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                loss = task.loss(ddp(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(task, ddp, optimizer, batch, args.bf16)
             if ema is not None:
-                ema_with_buffers(ema, model, decay)
-            bar.update(1)
-            pending += names
-            # at an epoch's end, the epoch's evaluation comes first
-            mid_epoch = i + 1 < steps_per_epoch
-            stopping = stop_agreed(stop, world)
-            if mid_epoch and (step + 1) % args.log_every and not stopping:
+                ema_with_buffers(ema, model, task.ema_decay)
+            mid_epoch = i + 1 < steps_per_epoch  # at an epoch's end, its evaluation comes first
+            if not run.step_done(names, not mid_epoch or (step + 1) % args.log_every == 0):
                 continue  # no device sync between logging steps
-            # the same step on every process: one all-reduce for the progress bar and the checks
-            loss_value, n_skipped = all_mean([loss.detach(), len(pending)])
-            if n_skipped:  # the same on every process: all join the gather
-                skipped.update(gather_names(pending, world))
-            pending = []
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}; last "
-                                         f"checkpoint {ckpt_path}")
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step):.1e}")
-            if mid_epoch and (stopping or checkpoint_due(saved_at, args)):
-                save(epoch, i + 1)
-                saved_at = time.time()
-            if mid_epoch and stopping:
-                bar.close()
-                stop_exit(stop.signum or signal.SIGTERM, step + 1, ckpt_path)
-        last = epoch + 1 == args.epochs
-        if rank == 0 and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
-            metrics = {}
-            for name, ds in tests.items():
-                metrics[name], bad = evaluate(task, ema or model, ds, args, device)
-                skipped.update(bad)
-            history.append(dict(epoch=epoch + 1, **metrics))
-            tqdm.write(f"run {run} epoch {epoch + 1}: {task.summary(flatten(metrics))}")
-        if last or stopping or checkpoint_due(saved_at, args):
-            save(epoch + 1, 0)
-            saved_at = time.time()
-        if stopping and not last:
-            bar.close()
-            stop_exit(stop.signum or signal.SIGTERM, (epoch + 1) * steps_per_epoch, ckpt_path)
+            loss = run.sync(dict(loss=loss), f"epoch {epoch} step {i}")["loss"]
+            run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(step):.1e}")
+            if mid_epoch and (run.stopping or run.save_due(args.save_every_min)):
+                run.save(parts, epoch=epoch, batch=i + 1, history=history)
+                run.exit_if_stopping(step + 1)
+        first, last = 0, epoch + 1 == args.epochs
+        if run.rank == 0 and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
+            history.append(evaluate_all(task, ema or model, args, run, epoch + 1))
+        if last or run.stopping or run.save_due(args.save_every_min):
+            run.save(parts, epoch=epoch + 1, batch=0, history=history)
+        if not last:
+            run.exit_if_stopping((epoch + 1) * steps_per_epoch)
         if dist.is_initialized():
             dist.barrier()
-    bar.close()
-    if dist.is_initialized():  # only rank 0 evaluated: every process returns its history
-        shared = [history, sorted(skipped)]
+    run.bar.close()
+    return run_result(task, run, history, seed, len(subset))
+
+
+@torch.no_grad()
+def evaluate(task, model, dataset, args):
+    """Batched predictions over a test set -> (the task's metrics, the names of unreadable
+    images)."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(Views(dataset, None, 0), batch_size=max(1, args.batch_size),
+                        num_workers=args.workers, collate_fn=collate,
+                        worker_init_fn=ignore_stop_signals)
+    preds, targets, skipped = [], [], []
+    for batch, names in tqdm(loader, desc="eval", leave=False):
+        skipped += names
+        if batch is None:
+            continue
+        images, target = batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            out = model(normalize(images.to(device))).float()
+        preds.append((task.predict(out) if task.predict else out).cpu())
+        targets.append(target)
+    if not preds:
+        raise ValueError(f"{args.data}: none of the {len(dataset)} test images was readable")
+    metrics = task.metrics(torch.cat(preds), torch.cat(targets))
+    if skipped:
+        metrics["unreadable_images"] = len(skipped)
+    return metrics, skipped
+
+
+def evaluate_all(task, model, args, run, epoch):
+    """The history's row of `epoch`: every test set's metrics (rank 0), printed; the unreadable
+    images join the run's list."""
+    metrics = {}
+    for name, dataset in task.tests.items():
+        metrics[name], bad = evaluate(task, model, dataset, args)
+        run.skipped.update(bad)
+    tqdm.write(f"{run.bar.desc} epoch {epoch}: {summary(task, flatten(metrics))}")
+    return dict(epoch=epoch, **metrics)
+
+
+def run_result(task, run, history, seed, n_train):
+    """A finished run's result.json (rank 0 writes it): its last and best evaluated epochs and the
+    settings; every process returns the same."""
+    if dist.is_initialized():  # only rank 0 evaluated
+        shared = [history, sorted(run.skipped)]
         dist.broadcast_object_list(shared, src=0)
-        history, skipped = shared
+        history, run.skipped = shared[0], set(shared[1])
     sign = 1 if task.higher_is_better else -1
     best = max(history, key=lambda h: sign * flatten(h)[task.main_metric])
-    result = dict(seed=seed, n_train=len(subset), skipped=sorted(skipped), final=history[-1],
-                  best_epoch=best, history=history, settings=settings)
-    if rank == 0:
-        write_lines(result_path, [json.dumps(result, indent=1)])
+    result = dict(seed=seed, n_train=n_train, skipped=sorted(run.skipped), final=history[-1],
+                  best_epoch=best, history=history, settings=run.settings)
+    if run.rank == 0:
+        write_lines(os.path.join(run.folder, "result.json"), [json.dumps(result, indent=1)])
     return result
 
 
-def ema_with_buffers(ema, model, decay):
-    """The evaluated EMA copy (FaRL): parameters averaged, buffers (BatchNorm statistics) copied."""
-    ema_update(ema, model, decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+def reused(run):
+    """A finished run's result.json, where its settings are these (refused where they are not);
+    None where there is none."""
+    path = os.path.join(run.folder, "result.json")
+    result = read_everywhere(lambda: read_json(path), run.rank, run.world)
+    if result is None:
+        return None
+    check_settings(result.get("settings"), run.settings, path)
+    if run.rank == 0:
+        print(f"{run.folder}: result.json holds this run's result (same settings): reused, not "
+              f"retrained")
+    return result
 
 
 def flatten(metrics, prefix=""):
@@ -573,94 +558,10 @@ def flatten(metrics, prefix=""):
     return out
 
 
-def file_digest(path):
-    """sha256 of a file, to tell two --init checkpoints with one path apart."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# Flags that do not change a run's result: where it writes, how it loads, how many runs there are.
-NOT_SETTINGS = ("out", "data_root", "workers", "runs", "save_every_min", "log_every", "init")
-
-
-def run_settings(args, world, n_train_total):
-    """What a checkpoint or result must match to be resumed or reused: every flag that changes the
-    result, the --init file's digest (not its path), the number of processes and the training set's
-    size."""
-    flags = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
-    digest = "random" if args.init == "random" else file_digest(args.init)
-    return dict(flags, init_sha256=digest, processes=world, n_train_total=n_train_total)
-
-
-def default_out(task, args):
-    """runs/<dataset>/<task>-<init>-<frac or nN>: runs from other inits or subsets never share a
-    folder, and `figures.py table --dir runs/<dataset>` reads them. A checkpoint's init is named by
-    its folder and file."""
-    init = "random"
-    if args.init != "random":
-        parent = os.path.basename(os.path.dirname(os.path.abspath(args.init)))
-        init = re.sub(r"[^A-Za-z0-9]+", "_",
-                      f"{parent}_{os.path.splitext(os.path.basename(args.init))[0]}")
-    subset = f"n{args.n_train}" if args.n_train else f"{args.frac:g}"
-    return os.path.join("runs", args.dataset, f"{task.name}-{init}-{subset}")
-
-
-def main(task, argv=None):
-    """Parse the task's command line, run --runs runs, write <out>/results.json."""
-    p = ArgumentParser(description=task.__doc__)
-    task.add_args(p)
-    args = p.parse_args(argv)
-    if args.init != "random" and not os.path.isfile(args.init):
-        p.error(f"--init {args.init}: no such file (expected 'random' or a checkpoint)")
-    try:
-        with StopRequest() as stop:
-            return run_all(task, args, stop)
-    finally:  # on every exit, an error's and a stop's too
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_all(task, args, stop):
-    args.data = args.data or os.path.join(data_root(args.data_root), args.dataset)
-    args.out = args.out or default_out(task, args)
-    rank, world, device = setup_distributed()
-    args.bf16 = use_bf16(args.bf16, device)
-    # fixed input sizes: the landmark head's convolutions gain
-    torch.backends.cudnn.benchmark = True
-    train_set, tests = task.datasets(args)
-    args.settings = run_settings(args, world, len(train_set))
-    n_keep = len(few_shot_indices(len(train_set), args.frac, 0, args.n_train))
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        print(f"{args.dataset}: {len(train_set)} training images, {n_keep} kept; test: "
-              + ", ".join(f"{k} {len(v)}" for k, v in tests.items())
-              + f"; results in {args.out}")
-    ctx = (rank, world, device, stop)
-    runs = [train_one(task, args, train_set, tests, r, ctx) for r in range(args.runs)]
-    mean, std = mean_std([flatten(r["final"]) for r in runs])
-    best_mean, best_std = mean_std([flatten(r["best_epoch"]) for r in runs])
-    settings = vars(args).pop("settings")
-    results = dict(args=vars(args), settings=settings, n_train_total=len(train_set),
-                   n_train=n_keep, runs=runs, mean=mean, std=std, best_mean=best_mean,
-                   best_std=best_std)
-    skipped = sorted({name for r in runs for name in r["skipped"]})
-    if rank == 0:
-        write_lines(os.path.join(args.out, "results.json"), [json.dumps(results, indent=1)])
-        if skipped:
-            write_lines(os.path.join(args.out, "skipped.txt"), skipped)
-        several = len(runs) > 1
-        what = f"{len(runs)} runs, mean (std)" if several else "1 run"
-        print(f"last epoch, {what}: " + task.summary(mean, std if several else None)
-              + (f"; {len(skipped)} unreadable images skipped, listed in {args.out}/skipped.txt"
-                 if skipped else ""))
-        if any(len(r["history"]) > 1 for r in runs):  # --eval-every: several epochs evaluated
-            print(f"best evaluated epoch of each run by {task.main_metric} (the authors' logs: "
-                  f"'Max accuracy'; chosen on the test split), {what}: "
-                  + task.summary(best_mean, best_std if several else None))
-    return results
+def summary(task, flat, std=None):
+    """The task's shown metrics on one line, each with its std over runs where given."""
+    return ", ".join(f"{k} {flat[k]:.4f}" + (f" ({std[k]:.4f})" if std else "")
+                     for k in task.shown if k in flat)
 
 
 def mean_std(rows):
@@ -671,21 +572,95 @@ def mean_std(rows):
     return mean, std
 
 
-def read_json(path):
-    """A result file, or None where there is none."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno}); delete it to "
-                             f"rerun") from None
+# ----------------------------------------------------------------------------- the runs
+
+# Flags beside run.RUN_FLAGS that do not change a run's result: how many runs, the --init path (its
+# digest is a setting)
+NOT_SETTINGS = ("runs", "init")
 
 
-def run_cli(task):
-    """Entry point of a task script: bad input is one line on stderr and a non-zero exit."""
-    data.run_cli(lambda: main(task))
+def file_digest(path):
+    """sha256 of a file, to tell two --init checkpoints with one path apart."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_out(name, args):
+    """runs/<dataset>/<task name>-<init>-<frac or nN>: runs from other inits or subsets never share
+    a folder, and `figures.py table --dir runs/<dataset>` reads them. A checkpoint's init is named
+    by its folder and file."""
+    init = "random"
+    if args.init != "random":
+        parent = os.path.basename(os.path.dirname(os.path.abspath(args.init)))
+        init = re.sub(r"[^A-Za-z0-9]+", "_",
+                      f"{parent}_{os.path.splitext(os.path.basename(args.init))[0]}")
+    subset = f"n{args.n_train}" if args.n_train else f"{args.frac:g}"
+    return os.path.join("runs", args.dataset, f"{name}-{init}-{subset}")
+
+
+def main(doc, add_args, make_task, argv=None):
+    """A task script's main: its flags (add_args(parser)), its Task (make_task(args)); --runs runs,
+    <out>/results.json. Ctrl-C and SIGTERM handled from the start (run.session)."""
+    p = ArgumentParser(description=doc)
+    add_args(p)
+    args = p.parse_args(argv)
+    if args.init != "random" and not os.path.isfile(args.init):
+        p.error(f"--init {args.init}: no such file (expected 'random' or a checkpoint)")
+    with session() as stop:
+        return run_all(make_task, args, stop)
+
+
+def run_all(make_task, args, stop):
+    args.data = args.data or os.path.join(data_root(args.data_root), args.dataset)
+    proc = setup_distributed()
+    args.bf16 = use_bf16(args.bf16, proc.device)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: the landmark head's convolutions
+    task = make_task(args)  # reads the data, sets the dataset's defaults
+    args.out = args.out or default_out(task.name, args)
+    digest = "random" if args.init == "random" else file_digest(args.init)
+    current = settings(args, NOT_SETTINGS, init_sha256=digest, processes=proc.world,
+                       n_train_total=len(task.train))
+    n_keep = len(few_shot_indices(len(task.train), args.frac, 0, args.n_train))
+    if proc.rank == 0:
+        print(f"{args.dataset}: {len(task.train)} training images, {n_keep} kept; test: "
+              + ", ".join(f"{k} {len(v)}" for k, v in task.tests.items())
+              + f"; results in {args.out}")
+    runs = []
+    for r in range(args.runs):
+        seed = args.seed + r
+        run = Run(os.path.join(args.out, f"run{r}"), dict(current, seed=seed), proc, stop)
+        runs.append(reused(run) or train_one(task, args, run, seed))
+    results = dict(args=vars(args), settings=current, n_train_total=len(task.train),
+                   n_train=n_keep, runs=runs)
+    results.update(zip(("mean", "std"), mean_std([flatten(r["final"]) for r in runs])))
+    results.update(zip(("best_mean", "best_std"),
+                       mean_std([flatten(r["best_epoch"]) for r in runs])))
+    if proc.rank == 0:
+        report(task, args, results)
+    return results
+
+
+def report(task, args, results):
+    """results.json and skipped.txt in --out, and the last lines: the last epoch's metrics and,
+    where several epochs were evaluated, the best one's; a std only over several runs."""
+    runs = results["runs"]
+    write_lines(os.path.join(args.out, "results.json"), [json.dumps(results, indent=1)])
+    skipped = sorted({name for r in runs for name in r["skipped"]})
+    if skipped:
+        write_lines(os.path.join(args.out, "skipped.txt"), skipped)
+    several = len(runs) > 1
+    what = f"{len(runs)} runs, mean (std)" if several else "1 run"
+    print(f"last epoch, {what}: "
+          + summary(task, results["mean"], results["std"] if several else None)
+          + (f"; {len(skipped)} unreadable images skipped, listed in {args.out}/skipped.txt"
+             if skipped else ""))
+    if any(len(r["history"]) > 1 for r in runs):  # --eval-every: several epochs evaluated
+        print(f"best evaluated epoch of each run by {task.main_metric} (the authors' logs: 'Max "
+              f"accuracy'; chosen on the test split), {what}: "
+              + summary(task, results["best_mean"], results["best_std"] if several else None))
 
 
 def layer_decay_table(arch="vit_small", layer_decay=0.65, weight_decay=0.05):
@@ -716,4 +691,4 @@ def main_table():
 
 
 if __name__ == "__main__":
-    main_table()
+    run_cli(main_table)

@@ -26,6 +26,7 @@ WFLW_images/; 98 points (the paper's "68 landmarks" for WFLW is a slip), six att
 import glob
 import math
 import os
+from functools import partial
 
 import numpy as np
 import torch
@@ -35,8 +36,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import finetune
-from data import IMAGE_EXTENSIONS, above, at_least, probability
+from data import IMAGE_EXTENSIONS, data_root
 from finetune import LabelledImages
+from run import above, at_least, probability, run_cli
 
 
 # The outer eye corners that normalise the NME: iBUG 68 and WFLW 98
@@ -339,116 +341,122 @@ class AlignmentModel(nn.Module):
 
 # ----------------------------------------------------------------------------- the task
 
-class Alignment(finetune.Task):
-    __doc__ = __doc__
-    name, main_metric, higher_is_better = "align", "test/nme", False
-    shown = ["test/nme", "test/nme_common", "test/nme_challenging", "test/failure_rate", "test/auc",
-             "test/nme_mean_shape"]
+def add_args(p):
+    finetune.add_common_args(
+        p, ["300w", "wflw", "toy"],
+        dict(lr=0.01, weight_decay=1e-5, layer_decay=1.0, epochs=250, batch_size=64,
+             warmup_epochs=0, drop_path=0.0),
+        notes=dict(lr="the heads' lr, whatever the batch (§4.1, FaRL's "
+                   "optimizers/refine_backbone.yaml); x0.1 for the last 20%% of the epochs "
+                   "(there: at epoch 200 of 250)",
+                   weight_decay="AdamW (§4.1)", layer_decay="none (FaRL)",
+                   epochs="FaRL's trainers/ibug300w_farl.yaml", batch_size="unstated",
+                   warmup_epochs="none (FaRL)",
+                   drop_path="none: FaRL's backbone has no stochastic depth"))
+    p.add_argument("--backbone-lr", type=above(0.0), default=1e-4,
+                   help="the backbone's lr, whatever the batch (FaRL's "
+                   "optimizers/refine_backbone.yaml)")
+    p.add_argument("--ema-decay", type=probability, default=0.999,
+                   help="evaluate an EMA copy of the network (FaRL's "
+                   "trainers/ibug300w_farl.yaml); 0: the trained one. Few steps need less: "
+                   "at 0.999 the copy keeps 0.999^steps of its initial weights")
+    p.add_argument("--coord-weight", type=at_least(0.0, float), default=1.0,
+                   help="weight of the coordinate L1 loss beside the heat-map loss's 1 "
+                   "(FaRL's trainers/ibug300w_farl.yaml)")
+    p.add_argument("--heatmap-size", type=at_least(4), default=128,
+                   help="heat-map side (§4.1; FaRL's trainers/ibug300w_farl.yaml)")
+    p.add_argument("--heatmap-radius", type=above(0.0), default=5.0,
+                   help="target radius in heat-map pixels: a Gaussian of sigma radius / 4 "
+                   "cut there (FaRL's trainers/ibug300w_farl.yaml heatmap_radius)")
+    p.add_argument("--channels", type=at_least(1), default=768,
+                   help="UperNet width (FaRL's trainers/ibug300w_farl.yaml head_channel)")
+    p.add_argument("--crop-scale", type=above(0.0), default=1.25,
+                   help="face box enlargement before the crop (FaRL's scale_mu 0.8: the face "
+                   "at 0.8 of it)")
+    p.add_argument("--protocol", default="common", choices=["common", "private"],
+                   help="300W: train on 3,148 and test Common/Challenging/Full, or train on "
+                   "3,837 and test on the private 600")
 
-    def add_args(self, p):
-        finetune.add_common_args(
-            p, ["300w", "wflw", "toy"],
-            dict(lr=0.01, weight_decay=1e-5, layer_decay=1.0, epochs=250, batch_size=64,
-                 warmup_epochs=0, drop_path=0.0),
-            notes=dict(lr="the heads' lr, whatever the batch (§4.1, FaRL's "
-                       "optimizers/refine_backbone.yaml); x0.1 for the last 20%% of the epochs "
-                       "(there: at epoch 200 of 250)",
-                       weight_decay="AdamW (§4.1)", layer_decay="none (FaRL)",
-                       epochs="FaRL's trainers/ibug300w_farl.yaml", batch_size="unstated",
-                       warmup_epochs="none (FaRL)",
-                       drop_path="none: FaRL's backbone has no stochastic depth"))
-        p.add_argument("--backbone-lr", type=above(0.0), default=1e-4,
-                       help="the backbone's lr, whatever the batch (FaRL's "
-                       "optimizers/refine_backbone.yaml)")
-        p.add_argument("--ema-decay", type=probability, default=0.999,
-                       help="evaluate an EMA copy of the network (FaRL's "
-                       "trainers/ibug300w_farl.yaml); 0: the trained one. Few steps need less: "
-                       "at 0.999 the copy keeps 0.999^steps of its initial weights")
-        p.add_argument("--coord-weight", type=at_least(0.0, float), default=1.0,
-                       help="weight of the coordinate L1 loss beside the heat-map loss's 1 "
-                       "(FaRL's trainers/ibug300w_farl.yaml)")
-        p.add_argument("--heatmap-size", type=at_least(4), default=128,
-                       help="heat-map side (§4.1; FaRL's trainers/ibug300w_farl.yaml)")
-        p.add_argument("--heatmap-radius", type=above(0.0), default=5.0,
-                       help="target radius in heat-map pixels: a Gaussian of sigma radius / 4 "
-                       "cut there (FaRL's trainers/ibug300w_farl.yaml heatmap_radius)")
-        p.add_argument("--channels", type=at_least(1), default=768,
-                       help="UperNet width (FaRL's trainers/ibug300w_farl.yaml head_channel)")
-        p.add_argument("--crop-scale", type=above(0.0), default=1.25,
-                       help="face box enlargement before the crop (FaRL's scale_mu 0.8: the face "
-                       "at 0.8 of it)")
-        p.add_argument("--protocol", default="common", choices=["common", "private"],
-                       help="300W: train on 3,148 and test Common/Challenging/Full, or train on "
-                       "3,837 and test on the private 600")
 
-    def lr_schedule(self, args, global_batch, total, steps_per_epoch):
-        """FaRL's MultiStepLR: --lr, then a tenth for the last 20% of the run (absolute rates)."""
-        return lambda step: args.lr * (0.1 if step >= 0.8 * total else 1.0)
+def step_down(lr, total):
+    """FaRL's MultiStepLR: `lr`, then a tenth for the last 20% of the run (absolute rates)."""
+    return lambda step: lr * (0.1 if step >= 0.8 * total else 1.0)
 
-    def backbone_lr_scale(self, args):
-        return args.backbone_lr / args.lr
 
-    def ema_decay(self, args):
-        return args.ema_decay
+def heatmap_loss(logits, points, args):
+    """FaRL's two terms: the heat-map loss, its soft-label cross-entropy in per-pixel binary form
+    (every pixel a Bernoulli whose soft label is the Gaussian target in [0, 1], §4.1), plus the L1
+    (Euclidean) distance of the heat-maps' soft-argmax to the landmarks, in units of the side."""
+    target_points = to_heatmap_coords(points, args.img_size, args.heatmap_size)  # (B, P, 2)
+    target = gaussian_heatmaps(target_points, args.heatmap_size, args.heatmap_radius)
+    heat = F.binary_cross_entropy_with_logits(logits.float(), target)
+    coord = (soft_argmax(torch.sigmoid(logits.float())) - target_points).norm(dim=-1).mean()
+    return heat + args.coord_weight * coord / args.heatmap_size
 
-    def datasets(self, args):
-        if args.dataset == "wflw":
-            data = read_wflw_dataset(args.data)
-        else:
-            path = args.data
-            if args.dataset == "toy":
-                import toyfaces
-                path = os.path.join(toyfaces.ensure_world(finetune.data_root(args.data_root)),
-                                    "300w")
-            data = read_300w(path, args.protocol)
-        if not data["train"] or not data["test"]:
-            raise ValueError(f"{args.data}: empty train or test split")
-        self.args, self.n_points = args, len(data["train"][0][1][0])
-        self.subsets = WFLW_FLAGS if args.dataset == "wflw" else (
-            ["indoor", "outdoor"] if args.protocol == "private" else ["common", "challenging"])
-        train = LabelledImages(data["train"], AlignTransform(args.img_size, True, args.crop_scale))
-        test = LabelledImages(data["test"], AlignTransform(args.img_size, False, args.crop_scale))
-        return train, {"test": test}
 
-    def build_model(self, backbone, args):
-        return AlignmentModel(backbone, self.n_points, args.heatmap_size, channels=args.channels)
+def landmarks(logits, args):
+    """The heat-maps' soft-argmax, in crop pixels."""
+    points = soft_argmax(torch.sigmoid(logits.float()))
+    return (points + 0.5) * args.img_size / args.heatmap_size - 0.5
 
-    def loss(self, logits, points):
-        """FaRL's two terms: the heat-map loss, its soft-label cross-entropy in per-pixel binary
-        form (every pixel a Bernoulli whose soft label is the Gaussian target in [0, 1], §4.1),
-        plus the L1 (Euclidean) distance of the heat-maps' soft-argmax to the landmarks, in units
-        of the side."""
-        a = self.args
-        target_points = to_heatmap_coords(points, a.img_size, a.heatmap_size)  # (B, P, 2)
-        target = gaussian_heatmaps(target_points, a.heatmap_size, a.heatmap_radius)
-        heat = F.binary_cross_entropy_with_logits(logits.float(), target)
-        coord = (soft_argmax(torch.sigmoid(logits.float())) - target_points).norm(dim=-1).mean()
-        return heat + a.coord_weight * coord / a.heatmap_size
 
-    def predict(self, model, images):
-        a = self.args
-        points = soft_argmax(torch.sigmoid(model(images).float()))
-        return (points + 0.5) * a.img_size / a.heatmap_size - 0.5  # heat-map -> crop pixels
+def alignment_metrics(preds, targets, subsets):
+    """NME (inter-ocular), failure rate and AUC over the test set and each subset (300W's
+    common/challenging or indoor/outdoor, WFLW's six), beside the mean shape's NME. targets: the
+    landmarks, the crop's affine back to the original image, the subset flags."""
+    P = preds.shape[1]
+    gt = targets[:, :2 * P].view(-1, P, 2).double()
+    back = targets[:, 2 * P:2 * P + 6].view(-1, 2, 3).double()  # crop -> original image
+    pred = torch.einsum("bij,bpj->bpi", back[:, :, :2], preds.double()) + back[:, None, :, 2]
+    errors = nme(pred, gt, EYES[P])
+    flags = targets[:, 2 * P + 6:]
+    out = nme_summary(errors)
+    out["nme_mean_shape"] = mean_shape_nme(gt, back, EYES[P])
+    if subsets == WFLW_FLAGS:
+        for i, name in enumerate(WFLW_FLAGS):
+            out.update({f"{k}_{name}": v for k, v in nme_summary(errors[flags[:, i] > 0]).items()})
+    else:
+        for i, name in enumerate(subsets):
+            if (flags[:, 0] == i).any():
+                out[f"nme_{name}"] = nme_summary(errors[flags[:, 0] == i])["nme"]
+    return out
 
-    def metrics(self, preds, targets, dataset):
-        P = self.n_points
-        gt = targets[:, :2 * P].view(-1, P, 2).double()
-        back = targets[:, 2 * P:2 * P + 6].view(-1, 2, 3).double()  # crop -> original image
-        pred = torch.einsum("bij,bpj->bpi", back[:, :, :2], preds.double()) + back[:, None, :, 2]
-        errors = nme(pred, gt, EYES[P])
-        flags = targets[:, 2 * P + 6:]
-        out = nme_summary(errors)
-        out["nme_mean_shape"] = mean_shape_nme(gt, back, EYES[P])
-        if self.subsets == WFLW_FLAGS:
-            for i, name in enumerate(WFLW_FLAGS):
-                out.update({f"{k}_{name}": v for k,
-                            v in nme_summary(errors[flags[:, i] > 0]).items()})
-        else:
-            for i, name in enumerate(self.subsets):
-                if (flags[:, 0] == i).any():
-                    out[f"nme_{name}"] = nme_summary(errors[flags[:, 0] == i])["nme"]
-        return out
+
+def read_landmarks(args):
+    if args.dataset == "wflw":
+        return read_wflw_dataset(args.data)
+    path = args.data
+    if args.dataset == "toy":
+        import toyfaces
+        path = os.path.join(toyfaces.ensure_world(data_root(args.data_root)), "300w")
+    return read_300w(path, args.protocol)
+
+
+def task(args):
+    data = read_landmarks(args)
+    if not data["train"] or not data["test"]:
+        raise ValueError(f"{args.data}: empty train or test split")
+    n_points = len(data["train"][0][1][0])
+    subsets = WFLW_FLAGS if args.dataset == "wflw" else (
+        ["indoor", "outdoor"] if args.protocol == "private" else ["common", "challenging"])
+    return finetune.Task(
+        name="align", main_metric="test/nme", higher_is_better=False,
+        shown=["test/nme", "test/nme_common", "test/nme_challenging", "test/failure_rate",
+               "test/auc", "test/nme_mean_shape"],
+        train=LabelledImages(data["train"], AlignTransform(args.img_size, True, args.crop_scale)),
+        tests={"test": LabelledImages(data["test"],
+                                      AlignTransform(args.img_size, False, args.crop_scale))},
+        model=lambda backbone: AlignmentModel(backbone, n_points, args.heatmap_size,
+                                              channels=args.channels),
+        loss=partial(heatmap_loss, args=args), predict=partial(landmarks, args=args),
+        metrics=partial(alignment_metrics, subsets=subsets),
+        schedule=partial(step_down, args.lr), backbone_lr=args.backbone_lr / args.lr,
+        ema_decay=args.ema_decay)
+
+
+def main(argv=None):
+    return finetune.main(__doc__, add_args, task, argv)
 
 
 if __name__ == "__main__":
-    finetune.run_cli(Alignment())
+    run_cli(main)

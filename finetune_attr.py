@@ -15,6 +15,7 @@ Data (docs/formats.md): CelebA's img_align_celeba/, list_attr_celeba.txt, list_e
 h5py), or the same plain-text layout as CelebA. The number of attributes comes from the file header.
 """
 import os
+from functools import partial
 
 import numpy as np
 import torch
@@ -22,8 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import finetune
-from data import read_celeba
+from data import data_root, read_celeba
 from finetune import LabelledImages, eval_transform, train_transform
+from run import run_cli
+
 
 def read_lfwa_mat(path):
     """LFWA as distributed: lfw_att_40.mat (name, label, AttrName) and indices_train_test.mat
@@ -57,7 +60,7 @@ def read_lfwa_mat(path):
 def read_attributes(args):
     if args.dataset == "toy":
         import toyfaces
-        return read_celeba(os.path.join(toyfaces.ensure_world(finetune.data_root(args.data_root)),
+        return read_celeba(os.path.join(toyfaces.ensure_world(data_root(args.data_root)),
                                         "celeba"))
     if args.dataset == "lfwa" and os.path.isfile(os.path.join(args.data, "lfw_att_40.mat")):
         return read_lfwa_mat(args.data)
@@ -96,49 +99,55 @@ class AttributeModel(nn.Module):
         return self.head(self.features(x))
 
 
-class Attributes(finetune.Task):
-    __doc__ = __doc__
-    name, main_metric = "attr", "test/mean_accuracy"
-    shown = ["test/mean_accuracy", "test/majority_accuracy"]
+def add_args(p):
+    finetune.add_common_args(
+        p, ["celeba", "lfwa", "toy"],
+        dict(lr=5e-4, weight_decay=0.05, layer_decay=0.65, epochs=100, batch_size=256,
+             warmup_epochs=1, drop_path=0.1),
+        notes=dict(lr="at a global batch of 256 (§4.1); scaled by the nominal one, --batch-size "
+                   "(the linear rule of MAE's main_finetune.py)",
+                   weight_decay="AdamW (§4.1)", layer_decay="§4.1",
+                   epochs="the lr reaches zero at the end (§4.1)",
+                   batch_size="64 x 4 GPUs (authors' run_celeba.sh)",
+                   warmup_epochs="linear warmup (authors' run_celeba.sh)",
+                   drop_path="authors' run_celeba.sh"))
+    finetune.add_augmentation_args(p)
+    p.add_argument("--pool", default="cls", choices=["cls", "mean"],
+                   help="cls token (§4.1) or mean of patch tokens (MAE's global_pool)")
 
-    def add_args(self, p):
-        finetune.add_common_args(
-            p, ["celeba", "lfwa", "toy"],
-            dict(lr=5e-4, weight_decay=0.05, layer_decay=0.65, epochs=100, batch_size=256,
-                 warmup_epochs=1, drop_path=0.1),
-            notes=dict(lr="at a global batch of 256 (§4.1); scaled by the nominal one, "
-                       "--batch-size x processes (the linear rule of MAE's main_finetune.py)",
-                       weight_decay="AdamW (§4.1)", layer_decay="§4.1",
-                       epochs="the lr reaches zero at the end (§4.1)",
-                       batch_size="64 x 4 GPUs (authors' run_celeba.sh)",
-                       warmup_epochs="linear warmup (authors' run_celeba.sh)",
-                       drop_path="authors' run_celeba.sh"))
-        finetune.add_augmentation_args(p)
-        p.add_argument("--pool", default="cls", choices=["cls", "mean"],
-                       help="cls token (§4.1) or mean of patch tokens (MAE's global_pool)")
 
-    def datasets(self, args):
-        data = read_attributes(args)
-        self.attributes = data["attributes"]
-        if not data["train"] or not data["test"]:
-            raise ValueError(f"{args.data}: empty train or test split")
-        return (LabelledImages(data["train"], train_transform(args)),
-                {"test": LabelledImages(data["test"], eval_transform(args.img_size))})
+def attribute_loss(logits, targets):
+    """Binary cross-entropy, the mean over attributes and images."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
-    def build_model(self, backbone, args):
-        return AttributeModel(backbone, len(self.attributes), args.pool)
 
-    def loss(self, logits, targets):
-        # mean over attributes
-        return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+def attribute_metrics(logits, targets, names):
+    """Mean accuracy over attributes, beside the majority baseline (each attribute's more frequent
+    test value), and each attribute's accuracy, in %."""
+    acc = ((logits > 0).float() == targets).float().mean(0)  # (A,)
+    share = targets.float().mean(0)
+    return dict(mean_accuracy=acc.mean().item() * 100,
+                majority_accuracy=torch.maximum(share, 1 - share).mean().item() * 100,
+                per_attribute={n: a * 100 for n, a in zip(names, acc.tolist())})
 
-    def metrics(self, logits, targets, dataset):
-        acc = ((logits > 0).float() == targets).float().mean(0)  # (A,)
-        share = targets.float().mean(0)  # the baseline: each attribute's more frequent test value
-        return dict(mean_accuracy=acc.mean().item() * 100,
-                    majority_accuracy=torch.maximum(share, 1 - share).mean().item() * 100,
-                    per_attribute={n: a * 100 for n, a in zip(self.attributes, acc.tolist())})
+
+def task(args):
+    data = read_attributes(args)
+    names = data["attributes"]
+    if not data["train"] or not data["test"]:
+        raise ValueError(f"{args.data}: empty train or test split")
+    return finetune.Task(
+        name="attr", main_metric="test/mean_accuracy",
+        shown=["test/mean_accuracy", "test/majority_accuracy"],
+        train=LabelledImages(data["train"], train_transform(args)),
+        tests={"test": LabelledImages(data["test"], eval_transform(args.img_size))},
+        model=lambda backbone: AttributeModel(backbone, len(names), args.pool),
+        loss=attribute_loss, metrics=partial(attribute_metrics, names=names))
+
+
+def main(argv=None):
+    return finetune.main(__doc__, add_args, task, argv)
 
 
 if __name__ == "__main__":
-    finetune.run_cli(Attributes())
+    run_cli(main)

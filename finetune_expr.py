@@ -21,6 +21,7 @@ Manually_Annotated_Images/; or the image-folder layout train/<class>/, val/<clas
 import argparse
 import csv
 import os
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import finetune
-from data import RAFDB_EXPRESSIONS, at_least, probability, read_rafdb
+from data import RAFDB_EXPRESSIONS, data_root, read_rafdb
 from finetune import LabelledImages, eval_transform, train_transform
+from run import at_least, probability, run_cli
 
 # labels 1..7
 RAFDB_CLASSES = RAFDB_EXPRESSIONS
@@ -134,70 +136,70 @@ class ExpressionModel(nn.Module):
         return self.head(self.backbone(x))  # backbone(x): the cls token after the final LayerNorm
 
 
-class Expressions(finetune.Task):
-    __doc__ = __doc__
-    # Table 3 sets RAF-DB's overall accuracy beside EAC's and DAN's (the authors' evaluate(): acc1);
-    # AffectNet-8's validation set is balanced, where the two coincide
-    name, main_metric = "expr", "test/accuracy"
-    shown = ["test/accuracy", "test/majority_accuracy", "test/mean_class_accuracy",
-             "test/chance_mean_class_accuracy"]
+def add_args(p):
+    finetune.add_common_args(
+        p, ["rafdb", "affectnet", "toy"],
+        dict(lr=5e-4, weight_decay=0.5, layer_decay=0.65, epochs=None, batch_size=256,
+             warmup_epochs=None, drop_path=0.1),
+        notes=dict(lr="at a global batch of 256 (§4.1); scaled by the nominal one, --batch-size "
+                   "(the linear rule of MAE's main_finetune.py)",
+                   weight_decay="AdamW, as §4.1 prints it (the authors' scripts use 0.05)",
+                   layer_decay="§4.1", epochs="100 for RAF-DB and toy, 10 for AffectNet-8 (§4.1)",
+                   batch_size="authors' run_rafdb.sh",
+                   warmup_epochs="1 for RAF-DB and toy, 0 for AffectNet-8 (authors' "
+                   "run_rafdb.sh)",
+                   drop_path="authors' run_rafdb.sh"))
+    finetune.add_augmentation_args(p)
+    p.add_argument("--mixup", type=at_least(0.0, float), default=None,
+                   help="mixup alpha: 0.8 for RAF-DB and toy, 0.1 for AffectNet-8 (authors' "
+                   "run_rafdb.sh); 0: off")
+    p.add_argument("--cutmix", type=at_least(0.0, float), default=None,
+                   help="cutmix alpha: 1.0 for RAF-DB and toy, 0.1 for AffectNet-8 (authors' "
+                   "run_rafdb.sh); with mixup, one of the two per batch at random; 0: off")
+    p.add_argument("--label-smoothing", type=probability, default=0.1,
+                   help="MAE's main_finetune.py, which the authors' scripts run")
+    p.add_argument("--balanced", default=None, action=argparse.BooleanOptionalAction,
+                   help="class-balanced sampling (default: on for AffectNet-8, §4.1)")
 
-    def add_args(self, p):
-        finetune.add_common_args(
-            p, ["rafdb", "affectnet", "toy"],
-            dict(lr=5e-4, weight_decay=0.5, layer_decay=0.65, epochs=None, batch_size=256,
-                 warmup_epochs=None, drop_path=0.1),
-            notes=dict(lr="at a global batch of 256 (§4.1); scaled by the nominal one, "
-                       "--batch-size x processes (the linear rule of MAE's main_finetune.py)",
-                       weight_decay="AdamW, as §4.1 prints it (the authors' scripts use 0.05)",
-                       layer_decay="§4.1", epochs="100 for RAF-DB and toy, 10 for AffectNet-8 "
-                       "(§4.1)",
-                       batch_size="authors' run_rafdb.sh",
-                       warmup_epochs="1 for RAF-DB and toy, 0 for AffectNet-8 (authors' "
-                       "run_rafdb.sh)",
-                       drop_path="authors' run_rafdb.sh"))
-        finetune.add_augmentation_args(p)
-        p.add_argument("--mixup", type=at_least(0.0, float), default=None,
-                       help="mixup alpha: 0.8 for RAF-DB and toy, 0.1 for AffectNet-8 (authors' "
-                       "run_rafdb.sh); 0: off")
-        p.add_argument("--cutmix", type=at_least(0.0, float), default=None,
-                       help="cutmix alpha: 1.0 for RAF-DB and toy, 0.1 for AffectNet-8 (authors' "
-                       "run_rafdb.sh); with mixup, one of the two per batch at random; 0: off")
-        p.add_argument("--label-smoothing", type=probability, default=0.1,
-                       help="MAE's main_finetune.py, which the authors' scripts run")
-        p.add_argument("--balanced", default=None, action=argparse.BooleanOptionalAction,
-                       help="class-balanced sampling (default: on for AffectNet-8, §4.1)")
 
-    def datasets(self, args):
-        if args.dataset == "affectnet":
-            data, self.classes = read_affectnet(args.data), AFFECTNET_CLASSES
-        else:
-            path = args.data
-            if args.dataset == "toy":
-                import toyfaces
-                path = os.path.join(toyfaces.ensure_world(finetune.data_root(args.data_root)),
-                                    "rafdb")
-            data, self.classes = read_rafdb(path), RAFDB_CLASSES
-        finetune.set_dataset_defaults(args, RECIPES)
-        self.args, self.mix = args, mixing(args.mixup, args.cutmix, len(self.classes))
-        if not data["train"] or not data["test"]:
-            raise ValueError(f"{args.data}: empty train or test split")
-        train = LabelledImages(data["train"], train_transform(args))
-        if args.balanced:
-            train.weights = class_balanced_weights([item[1] for item in data["train"]],
-                                                   len(self.classes))
-        return train, {"test": LabelledImages(data["test"], eval_transform(args.img_size))}
+def read_expressions(args):
+    """(the dataset's items, its class names)."""
+    if args.dataset == "affectnet":
+        return read_affectnet(args.data), AFFECTNET_CLASSES
+    path = args.data
+    if args.dataset == "toy":
+        import toyfaces
+        path = os.path.join(toyfaces.ensure_world(data_root(args.data_root)), "rafdb")
+    return read_rafdb(path), RAFDB_CLASSES
 
-    def build_model(self, backbone, args):
-        return ExpressionModel(backbone, len(self.classes))
 
-    def loss(self, logits, targets):
-        """Cross-entropy with label smoothing, against class indices or mixed soft labels."""
-        return F.cross_entropy(logits.float(), targets, label_smoothing=self.args.label_smoothing)
+def task(args):
+    data, classes = read_expressions(args)
+    finetune.set_dataset_defaults(args, RECIPES)
+    if not data["train"] or not data["test"]:
+        raise ValueError(f"{args.data}: empty train or test split")
+    train = LabelledImages(data["train"], train_transform(args))
+    if args.balanced:
+        train.weights = class_balanced_weights([item[1] for item in data["train"]], len(classes))
+    # Table 3 sets RAF-DB's overall accuracy beside EAC's and DAN's (the authors' evaluate():
+    # acc1); AffectNet-8's validation set is balanced, where the two coincide
+    return finetune.Task(
+        name="expr", main_metric="test/accuracy",
+        shown=["test/accuracy", "test/majority_accuracy", "test/mean_class_accuracy",
+               "test/chance_mean_class_accuracy"],
+        train=train, tests={"test": LabelledImages(data["test"], eval_transform(args.img_size))},
+        model=lambda backbone: ExpressionModel(backbone, len(classes)),
+        # cross-entropy with label smoothing, against class indices or mixed soft labels
+        loss=lambda logits, targets: F.cross_entropy(logits.float(), targets,
+                                                     label_smoothing=args.label_smoothing),
+        predict=lambda logits: logits.argmax(1),
+        metrics=partial(classification_metrics, n_classes=len(classes), names=classes),
+        mix=mixing(args.mixup, args.cutmix, len(classes)))
 
-    def metrics(self, logits, targets, dataset):
-        return classification_metrics(logits.argmax(1), targets, len(self.classes), self.classes)
+
+def main(argv=None):
+    return finetune.main(__doc__, add_args, task, argv)
 
 
 if __name__ == "__main__":
-    finetune.run_cli(Expressions())
+    run_cli(main)

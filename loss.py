@@ -171,7 +171,10 @@ class PrototypeLoss(nn.Module):
         # 0-d tensors on the device: read on logging steps only (no host sync here)
         with torch.no_grad():
             s_l = self.predictions(z_student, self.tau_student)
-            used = s_g.new_zeros(s_g.shape[-1]).index_fill_(0, s_g.argmax(-1).flatten(), 1.0).sum()
+            hit = s_g.new_zeros(s_g.shape[-1]).index_fill_(0, s_g.argmax(-1).flatten(), 1.0)
+            if world_size() > 1:  # the prototypes the whole global batch reaches
+                dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+            used = hit.sum()
             stats = dict(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
                          mean_entropy=mean_entropy.detach(), teacher_entropy=entropy(s_g).mean(),
                          student_entropy=entropy(s_l).mean(), prototypes_used=used)

@@ -20,6 +20,7 @@ The references: the same probes on a random-init network of the same arch and se
 pretraining with that seed, the teacher's own starting point) and on the pixels of the centre crop
 at 16 x 16.
 """
+import math
 import os
 from collections import defaultdict
 
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from crops import eval_crop, normalize
-from data import (ArgumentParser, at_least, data_root, load_image, patch_multiple,
-                  read_celeba, read_celeba_identities, read_rafdb, run_cli, write_lines)
+from data import data_root, load_image, read_celeba, read_celeba_identities, read_rafdb
+from run import ArgumentParser, at_least, patch_multiple, run_cli, write_lines
 import toyfaces
 from vit import ARCHS, load_pretrained
 
@@ -311,6 +312,72 @@ def verdict(scores):
     return state, (f"probe gain over random init {g:+.1f} points (learned from "
                    f"{LEARNED_GAIN:+.1f}), weights {100 * scores['weight_change']:.1f}% from init")
 
+
+# ----------------------------------------------------------------------------- a pretraining's end
+
+COLLAPSED_SHARE = 0.25  # under a quarter of the prototypes a batch's global views could reach
+
+
+def collapse_state(row, args, world=1):
+    """(share, 'collapsed' or 'healthy'): the share of the prototypes the teacher's predictions
+    reach in a global batch, of the most they could (min(K, its global views)). A collapsed
+    teacher sends nearly every image to a handful of prototypes, and its targets teach the student
+    nothing."""
+    reachable = min(args.n_prototypes, args.batch_size * world * args.n_global)
+    share = row["prototypes_used"] / reachable
+    return share, "collapsed" if share < COLLAPSED_SHARE else "healthy"
+
+
+def summary(row, args, judge=None, probed=None):
+    """The end-of-run lines: the prototype statistics, the probe beside its references, and the
+    verdict: COLLAPSED, NOT LEARNED (the probe within noise of random init), LEARNED, or not judged
+    (no probe sets). Spread prototypes alone prove nothing: Sinkhorn spreads a random init's."""
+    if row is None:
+        return "no logged step"
+    share, state = row["prototype_share"], row["state"]
+    text = (f"teacher predictions on {row['prototypes_used']:.0f} prototypes a batch ({share:.0%} "
+            f"of those reachable), teacher entropy {row['teacher_entropy']:.2f}, student entropy "
+            f"{row['student_entropy']:.2f} of ln K = {math.log(args.n_prototypes):.2f}")
+    if probed is not None:
+        text += f"\nprobe, teacher / random init / raw pixels: {judge.compare(probed)}"
+    if state == "collapsed":
+        text += "\nverdict: COLLAPSED: the teacher assigns nearly every image to a few prototypes"
+        if not (args.sinkhorn and args.projector_bn):
+            text += " (--sinkhorn and --projector-bn, the defaults, keep them spread)"
+    elif probed is None:
+        text += ("\nverdict: not judged: no probe sets (--probe-attr, --probe-expr) to tell "
+                 "learning from a random init")
+    else:
+        learned, words = verdict(probed)
+        text += (f"\nverdict: LEARNED: {words}" if learned == "learned" else
+                 f"\nverdict: NOT LEARNED: the teacher is within noise of its random init; {words}")
+    return text
+
+
+def add_probe_args(g):
+    """A pretraining's probe flags (make_judge reads them), in its argument group `g`."""
+    g.add_argument("--probe-attr", default=None, help="CelebA-layout folder to probe the "
+                   "teacher on at the end (probe.py; default: the toy world's with --data toy)")
+    g.add_argument("--probe-expr", default=None, help="RAF-DB-layout folder, the same way")
+    g.add_argument("--probe-images", type=at_least(10), default=4000,
+                   help="at most this many images a probe split")
+    g.add_argument("--probe-every", type=at_least(0), default=0,
+                   help="also probe every this many epochs (0: at the end only)")
+
+
+def make_judge(args, device):
+    """The probe of a pretraining's teacher on the sets --probe-attr/--probe-expr name (the toy
+    world's with --data toy), or None where there are none."""
+    if args.probe_attr or args.probe_expr:
+        sets = probe_sets(args.probe_attr, args.probe_expr, args.global_size, args.probe_images)
+    elif args.data == "toy":
+        sets = toy_sets(data_root(args.data_root), args.global_size, args.probe_images)
+    else:
+        return None
+    return Judge(sets, random_backbone(args.arch, args.seed, patch_size=args.patch_size), device)
+
+
+# ----------------------------------------------------------------------------- tables
 
 def table(columns):
     """{column name: {metric: value}} -> the printed table, one metric a row."""

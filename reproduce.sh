@@ -13,7 +13,7 @@ TOY=${PROS_DATA:-data}/toy  # where --data toy lives (data.data_root), generated
 # bf16 autocast where the device has it natively (a GPU, a CPU with AVX512-BF16 or AMX); elsewhere
 # autocast emulates bf16, far slower than fp32 (python bench.py). The device is the one the scripts
 # pick.
-NATIVE="import pretrain; print(pretrain.native_bf16(pretrain.setup_distributed()[2]))"
+NATIVE="import run; print(run.native_bf16(run.setup_distributed().device))"
 [ "$(python -c "$NATIVE")" = True ] && NATIVE_BF16=--bf16 || NATIVE_BF16=--no-bf16
 BF16=${BF16:-$NATIVE_BF16}
 echo "reproduce.sh: $BF16"

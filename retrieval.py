@@ -13,6 +13,7 @@ The figure draws, per image, its global crops, the uncurated local crops (reject
 red, each with its similarity) and the curated crops that are kept.
 """
 import os
+import sys
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from crops import MultiCrop, contact_sheet
-from data import ArgumentParser, at_least, data_root, load_image, run_cli, to_rgb, toy_faces
+from data import data_root, load_image, to_rgb, toy_faces
+from run import ArgumentParser, at_least, is_rank_zero, run_cli
 
 
 # ----------------------------------------------------------------------------- the rule (§3)
@@ -68,11 +70,12 @@ def selection_counts(sim, n_local, threshold):
 
 # ----------------------------------------------------------------------------- the recogniser
 
-def onnx_providers(available):
+def onnx_providers(available, max_batch=512):
     """onnxruntime's providers: CUDA on this process's GPU where there is one (under torchrun
-    LOCAL_RANK's, which pretrain.setup_distributed makes current; onnxruntime would take GPU 0),
-    then the CPU. With CUDA there and no CUDA provider, an error:
-    ArcFace(providers=["CPUExecutionProvider"]) says so."""
+    LOCAL_RANK's, which run.setup_distributed makes current; onnxruntime would take GPU 0), its
+    arena bounded by what chunks of max_batch crops need (an IResNet-50's largest activation is
+    about 3 MB a crop: 16 MB a crop leaves room for the rest), then the CPU. With CUDA there and no
+    CUDA provider, an error: ArcFace(providers=["CPUExecutionProvider"]) says so."""
     if not torch.cuda.is_available():
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in available:  # the recogniser would silently run on the CPU
@@ -80,7 +83,10 @@ def onnx_providers(available):
                          "'onnxruntime' is installed): pip uninstall -y onnxruntime && pip "
                          "install onnxruntime-gpu, or run the recogniser on the CPU on purpose: "
                          "--arcface-device cpu")
-    return [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}),
+    limit = (512 + 16 * max_batch) * 2 ** 20
+    return [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device(),
+                                       "gpu_mem_limit": limit,
+                                       "arena_extend_strategy": "kSameAsRequested"}),
             "CPUExecutionProvider"]
 
 
@@ -114,12 +120,18 @@ class ArcFace:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if self.threads:
                 opts.intra_op_num_threads = self.threads
-            providers = self.providers or onnx_providers(ort.get_available_providers())
+            providers = self.providers or onnx_providers(ort.get_available_providers(),
+                                                         self.max_batch)
             try:
                 self._session = ort.InferenceSession(self.path, opts, providers=providers)
             except Exception as e:
                 raise ValueError(f"{self.path}: not a loadable ONNX model "
                                  f"({str(e).splitlines()[0][:120]})") from None
+            if providers == ["CPUExecutionProvider"] and torch.cuda.is_available() \
+                    and is_rank_zero():
+                print("warning: the recogniser runs on the CPU (--arcface-device cpu), each "
+                      "step's crops copied to the host; pip install onnxruntime-gpu runs it on "
+                      "the GPU", file=sys.stderr)
             wanted = {p if isinstance(p, str) else p[0] for p in providers}
             if "CUDAExecutionProvider" in wanted - set(self._session.get_providers()):
                 raise ValueError(f"{self.path}: onnxruntime has a CUDA provider but could not "
@@ -171,17 +183,23 @@ class ArcFace:
         return torch.from_numpy(self.session.run(None, {self.input_name: x.cpu().numpy()})[0])
 
     def _run_cuda(self, x):
-        """onnxruntime-gpu fed straight from a CUDA tensor through IO binding: no host round
-        trip."""
+        """onnxruntime-gpu reading a CUDA tensor and writing the embeddings into one through IO
+        binding: no host round trip (a graph whose embedding size is not fixed: copied back)."""
         x = x.contiguous().float()
         torch.cuda.current_stream(x.device).synchronize()  # onnxruntime reads x on its own stream
-        out_meta = self.session.get_outputs()[0]
+        out_meta, gpu = self.session.get_outputs()[0], x.device.index or 0
         binding = self.session.io_binding()
-        binding.bind_input(self.input_name, "cuda", x.device.index or 0, np.float32,
-                           tuple(x.shape), x.data_ptr())
-        binding.bind_output(out_meta.name, "cuda", x.device.index or 0)
+        binding.bind_input(self.input_name, "cuda", gpu, np.float32, tuple(x.shape), x.data_ptr())
+        dim = out_meta.shape[-1]
+        if not isinstance(dim, int):
+            binding.bind_output(out_meta.name, "cuda", gpu)
+            self.session.run_with_iobinding(binding)
+            return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(x.device)
+        out = torch.empty(len(x), dim, dtype=torch.float32, device=x.device)
+        binding.bind_output(out_meta.name, "cuda", gpu, np.float32, tuple(out.shape),
+                            out.data_ptr())
         self.session.run_with_iobinding(binding)
-        return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(x.device)
+        return out
 
     @torch.no_grad()
     def embed(self, images):

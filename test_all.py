@@ -185,6 +185,64 @@ def _as_torchrun_process(rank, world, port):
                       LOCAL_RANK=str(rank))
 
 
+def _read_everywhere_worker(rank, world, port, tmp):
+    """Each process's outcome of run.read_everywhere in three cases: both see their own file; only
+    rank 0 sees one; rank 0's is unreadable."""
+    _as_torchrun_process(rank, world, port)
+    import run
+    run.setup_distributed()
+
+    def own():
+        return {"read by": rank}
+
+    def rank_zero_only():
+        if rank:
+            raise FileNotFoundError("not on this disk")
+        return {"read by": 0}
+
+    def rank_zero_broken():
+        if rank == 0:
+            raise ValueError("checkpoint.pth: not a readable PyTorch checkpoint")
+        return {"read by": rank}
+    out = []
+    for read in (own, rank_zero_only, rank_zero_broken):
+        try:
+            out.append(run.read_everywhere(read, rank, world))
+        except ValueError as e:
+            out.append(str(e))
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    torch.distributed.destroy_process_group()
+
+
+def _step_syncs(device):
+    """run.HostSyncs's count of the second of two training steps on `device` (the first creates
+    AdamW's state), from a collated batch to the EMA, with a stand-in recogniser on the device."""
+    import pretrain
+    import run
+    from crops import MultiCrop, collate
+    args = pretrain.get_args(["--arch", "vit_tiny", "--patch-size", "8", "--global-size", "32",
+                              "--local-size", "16", "--n-prototypes", "16", "--out-dim", "16",
+                              "--n-local", "4", "--n-candidates", "6", "--arcface", "x"])
+
+    class StandIn:  # the recogniser's output, already on the device
+        def embed(self, crops):
+            return F.normalize(torch.randn(len(crops), 8, device=crops.device), dim=-1)
+    rs = np.random.RandomState(0)
+    mc = MultiCrop(32, 16, 2, 4, 6)
+    batch = run.to_device(collate([mc(Image.fromarray(rs.randint(0, 256, (h, w, 3), np.uint8)))
+                                   for h, w in ((40, 40), (50, 30), (30, 60))]), device)
+    model, teacher = pretrain.build_models(args, device)
+    optimizer = torch.optim.AdamW(pretrain.param_groups(model), fused=True)
+    at = dict(lr=1e-3, weight_decay=0.04, momentum=0.99)
+    for _ in range(2):
+        with run.HostSyncs() as syncs:
+            g, l, counts = pretrain.make_views(batch, mc, StandIn(), args)
+            pretrain.training_step(model, teacher, optimizer, g, l, at=at, clip_grad=3.0,
+                                   bf16=False)
+    return syncs.ops
+
+
 def _ddp_worker(rank, world, port, tmp, batch):
     _as_torchrun_process(rank, world, port)
     stats = _one_step(world, rank, batch)
@@ -222,7 +280,8 @@ def _signalled_process(rank, world, port, argv):
 
 def _one_step(world, rank, batch):
     import pretrain
-    r, w, device = pretrain.setup_distributed()
+    import run
+    r, w, device = run.setup_distributed()
     torch.manual_seed(0)
     # the projector's BatchNorm normalises over the global batch (loss.GlobalBatchNorm)
     args = pretrain.get_args(["--arch", "vit_tiny", "--n-prototypes", "32", "--out-dim", "16"])
@@ -237,8 +296,9 @@ def _one_step(world, rank, batch):
                                     l[rank * per:(rank + 1) * per],
                                     at=dict(lr=0.1, weight_decay=0.04, momentum=0.99),
                                     clip_grad=3.0, bf16=False) for _ in range(2)]
-    keys = ["loss", "cross_entropy", "mean_entropy"]
-    means = [dict(zip(keys, pretrain.all_mean([s[k] for k in keys]))) for s in stats]
+    # prototypes_used: the global batch's count, the same on every process
+    keys = ["loss", "cross_entropy", "mean_entropy", "prototypes_used"]
+    means = [dict(zip(keys, run.all_mean([s[k] for k in keys]))) for s in stats]
     return dict(stats=means, student=model.state_dict(), teacher=teacher.state_dict())
 
 
@@ -279,18 +339,17 @@ AFFECT_ROWS = ('1/a.jpg,10,20,30,40,"1;2;3",3,0.1,0.2\n1/b.jpg,0,0,50,50,"1;2",9
 def _finetune_ddp_worker(rank, world, port, script, argv, tmp):
     _as_torchrun_process(rank, world, port)
     torch.set_num_threads(1)  # two processes on the CI's two cores
-    import finetune
-    from finetune_align import Alignment
-    from finetune_attr import Attributes
-    res = finetune.main({"attr": Attributes, "align": Alignment}[script](), argv)
+    import finetune_align
+    import finetune_attr
+    res = {"attr": finetune_attr.main, "align": finetune_align.main}[script](argv)
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(dict(runs=res["runs"], mean=res["mean"]), f)
 
 
-def _task_defaults(task, *argv):
+def _task_defaults(script, *argv):
     import argparse
     p = argparse.ArgumentParser()
-    task.add_args(p)
+    script.add_args(p)
     return p.parse_args(list(argv))
 
 
@@ -402,14 +461,80 @@ class TestLayering:
     def test_imports_point_one_way(self):
         graph = _project_imports()
         assert _find_cycle(graph) is None
-        assert graph["loss"] == set() and graph["data"] == set()
-        assert graph["vit"] <= {"data"}  # its command line only
+        # the run machinery (command line, processes, checkpoint files) is under everything else
+        assert graph["loss"] == set() and graph["run"] == set()
+        assert graph["vit"] <= {"run"} and graph["data"] <= {"run"}
         fine_tuning = {"finetune", "finetune_attr", "finetune_expr", "finetune_align"}
         assert not graph["pretrain"] & fine_tuning
-        # pretraining judges its teacher with the probe; the probe reads data, never the trainers
+        # no fine-tuning script and no probe imports pretraining; the probe never a trainer
         assert not graph["probe"] & (fine_tuning | {"pretrain"})
-        for piece in ("vit", "loss", "data", "crops", "retrieval", "toyfaces"):
+        assert all("pretrain" not in graph[script] for script in fine_tuning)
+        for piece in ("vit", "loss", "run", "data", "crops", "retrieval", "toyfaces"):
             assert not graph[piece] & (fine_tuning | {"pretrain", "figures", "bench"}), piece
+
+
+class TestRun:
+    """run.py: the machinery every training script shares (processes, bf16, errors, syncs)."""
+
+    def test_run_alone_says_what_this_machine_gives_a_run(self):
+        code, out, err = run_script("run.py")
+        assert code == 0 and out.startswith("process 0 of 1: device ")
+        assert "all-reduce works" in out
+
+    @pytest.mark.slow
+    def test_each_process_reads_its_own_checkpoint_and_rank_zero_broadcasts_the_rest(self,
+                                                                                     tmp_path):
+        torch.multiprocessing.spawn(_read_everywhere_worker, args=(2, _free_port(), str(tmp_path)),
+                                    nprocs=2)
+        outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+        assert [o[0] for o in outcomes] == [{"read by": 0}, {"read by": 1}]  # no broadcast
+        assert [o[1] for o in outcomes] == [{"read by": 0}, {"read by": 0}]  # rank 0's, sent
+        assert [o[2] for o in outcomes] == ["checkpoint.pth: not a readable PyTorch checkpoint"] * 2
+
+    def test_only_an_explicit_bf16_on_emulating_hardware_warns(self, capsys, monkeypatch):
+        import run
+        cpu = torch.device("cpu")
+        for native in (True, False):
+            monkeypatch.setattr(run, "native_bf16", lambda device: native)
+            assert [run.use_bf16(flag, cpu)
+                    for flag in (True, False, None)] == [True, False, False]
+            # only an explicit --bf16 warns
+            assert ("emulated" in capsys.readouterr().err) == (not native)
+        # unset: bf16 on a GPU that computes it (Ampere on), fp32 on a V100 or T4 that emulates it
+        monkeypatch.undo()
+        for capability, default in (((7, 0), False), ((7, 5), False), ((8, 0), True),
+                                    ((9, 0), True)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability)
+            assert run.use_bf16(None, torch.device("cuda", 0)) is default, capability
+
+    def test_srun_without_torchrun_is_refused(self, monkeypatch):
+        """srun python pretrain.py: N copies, each a whole run into one folder, unless refused."""
+        import run
+        monkeypatch.delenv("RANK", raising=False)
+        monkeypatch.setenv("SLURM_NTASKS", "4")
+        monkeypatch.setenv("SLURM_PROCID", "2")
+        with pytest.raises(ValueError, match="SLURM_NTASKS=4 but no RANK.*torchrun"):
+            run.setup_distributed()
+        monkeypatch.setenv("SLURM_NTASKS", "1")
+        assert run.setup_distributed()[:2] == (0, 1)
+
+    def test_under_torchrun_the_one_line_error_is_each_processs_error_file(self, tmp_path,
+                                                                              monkeypatch):
+        """torchrun reports a failed process by its error file (TORCHELASTIC_ERROR_FILE, in
+        torch's format): the one-line error, not a pointer to torch's documentation."""
+        import run
+        from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+        path = str(tmp_path / "error.json")
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", path)
+        monkeypatch.setenv("RANK", "1")
+
+        def fails():
+            raise FileNotFoundError("data/ms1m: no such folder")
+        with pytest.raises(SystemExit) as stop:
+            run.run_cli(fails)
+        assert stop.value.code == 1  # rank 1 prints nothing
+        failure = ProcessFailure(local_rank=1, pid=0, exitcode=1, error_file=path)
+        assert failure.message == "error: data/ms1m: no such folder"
 
 
 class TestViT:
@@ -718,7 +843,7 @@ class TestCrops:
                 ref = torch.stack([single(x[i]) if on[i] else x[i] for i in range(n)])
                 assert torch.allclose(out, ref, atol=1e-6), name
         sigma = p["sigma"]
-        size = 2 * math.ceil(3 * sigma.max().item()) + 1
+        size = 2 * math.ceil(3 * crops.MAX_SIGMA) + 1
         out = crops.gaussian_blur(x.clone(), sigma)
         ref = torch.stack([TF.gaussian_blur(x[i], [size, size], [sigma[i].item()] * 2)
                            if sigma[i] > 0 else x[i] for i in range(n)])
@@ -732,7 +857,7 @@ class TestCrops:
         import crops
         u8, p = self._views_and_params(n=16, seed=3)
         jitter = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-        size = 2 * math.ceil(3 * p["sigma"].max().item()) + 1
+        size = 2 * math.ceil(3 * crops.MAX_SIGMA) + 1
         expected = []
         for i, v in enumerate(u8.float() / 255):
             if p["flip"][i]:
@@ -870,8 +995,11 @@ class TestRetrieval:
         assert onnx_providers(both) == ["CPUExecutionProvider"]
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
-        assert onnx_providers(both) == [("CUDAExecutionProvider", {"device_id": 2}),
-                                        "CPUExecutionProvider"]
+        (name, options), cpu = onnx_providers(both, max_batch=64)
+        assert (name, options["device_id"], cpu) == ("CUDAExecutionProvider", 2,
+                                                     "CPUExecutionProvider")
+        # the recogniser's arena is bounded by what its chunks need
+        assert options["gpu_mem_limit"] == (512 + 16 * 64) * 2 ** 20
         # never a silent CPU fallback
         with pytest.raises(ValueError, match="no CUDA provider.*onnxruntime-gpu.*arcface-device"):
             onnx_providers(["CPUExecutionProvider"])
@@ -1125,14 +1253,18 @@ class TestLoss:
         assert weight_decay_schedule(125, 100) == pytest.approx(0.4)
         # --schedules dino (main_dino.py): both cosine over the run itself
         import pretrain
-        at = pretrain.schedules(pretrain.get_args(["--schedules", "dino"]), 100, 10, 1.0)
+        # 10 epochs of 10 steps at a global batch of 256
+        sizes = ["--epochs", "10", "--batch-size", "256"]
+        steps_per_epoch, total, at = pretrain.schedules(
+            pretrain.get_args(["--schedules", "dino", *sizes]), 2560, 1)
+        assert (steps_per_epoch, total) == (10, 100)
         assert at(0)["momentum"] == pytest.approx(0.996)
         assert at(0)["weight_decay"] == pytest.approx(0.04)
         assert at(50)["momentum"] == pytest.approx(0.998)
         assert at(50)["weight_decay"] == pytest.approx(0.22)
         assert at(100)["momentum"] == pytest.approx(1.0)
         assert at(100)["weight_decay"] == pytest.approx(0.4)
-        msn = pretrain.schedules(pretrain.get_args([]), 100, 10, 1.0)
+        msn = pretrain.schedules(pretrain.get_args(sizes), 2560, 1)[2]
         assert msn(100)["momentum"] == pytest.approx(0.9992)
         assert msn(100)["weight_decay"] == pytest.approx(0.365623, abs=1e-6)
 
@@ -1184,7 +1316,6 @@ class TestData:
 
     def test_corrupt_images_are_skipped(self, tmp_path):
         import data
-        import pretrain
         folder = tmp_path / "imgs" / "sub"
         folder.mkdir(parents=True)
         Image.new("RGB", (40, 40), (1, 2, 3)).save(folder / "a.jpg")
@@ -1193,8 +1324,8 @@ class TestData:
         ds = data.ImageFolder(str(tmp_path / "imgs"))
         assert len(ds) == 2 and ds[0] is not None and ds[1] is None
         from crops import MultiCrop, collate
-        views = pretrain.Views(ds, MultiCrop(32, 16, n_local=2), seed=0)
-        batch, names = pretrain.collate([views[0], views[1]], stack=collate)
+        views = data.Views(ds, MultiCrop(32, 16, n_local=2), seed=0)
+        batch, names = data.collate([views[0], views[1]], stack=collate)
         assert names == [str(folder / "b.jpg")] and batch["image"].shape[0] == 1
 
     @pytest.mark.slow
@@ -1489,35 +1620,9 @@ class TestPretrain:
         # autocast: the weights stay fp32
         assert all(p.dtype == torch.float32 for p in model.parameters())
 
-    def test_only_an_explicit_bf16_on_emulating_hardware_warns(self, capsys, monkeypatch):
-        import pretrain
-        cpu = torch.device("cpu")
-        for native in (True, False):
-            monkeypatch.setattr(pretrain, "native_bf16", lambda device: native)
-            assert [pretrain.use_bf16(flag, cpu)
-                    for flag in (True, False, None)] == [True, False, False]
-            # only an explicit --bf16 warns
-            assert ("emulated" in capsys.readouterr().err) == (not native)
-        # unset: bf16 on a GPU that computes it (Ampere on), fp32 on a V100 or T4 that emulates it
-        monkeypatch.undo()
-        for capability, default in (((7, 0), False), ((7, 5), False), ((8, 0), True),
-                                    ((9, 0), True)):
-            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability)
-            assert pretrain.use_bf16(None, torch.device("cuda", 0)) is default, capability
-
-    def test_srun_without_torchrun_is_refused(self, monkeypatch):
-        """srun python pretrain.py: N copies, each a whole run into one folder, unless refused."""
-        import pretrain
-        monkeypatch.delenv("RANK", raising=False)
-        monkeypatch.setenv("SLURM_NTASKS", "4")
-        monkeypatch.setenv("SLURM_PROCID", "2")
-        with pytest.raises(ValueError, match="SLURM_NTASKS=4 but no RANK.*torchrun"):
-            pretrain.setup_distributed()
-        monkeypatch.setenv("SLURM_NTASKS", "1")
-        assert pretrain.setup_distributed()[:2] == (0, 1)
-
     @pytest.mark.slow
     def test_pretrain_resume_gives_the_same_weights(self, tmp_path, image_folder, monkeypatch):
+        import run
         import vit
         import shutil
         import pretrain
@@ -1526,19 +1631,19 @@ class TestPretrain:
         (tmp_path / "faces" / "zz.jpg").write_bytes(b"\xff\xd8\xff garbage")
         image_folder = str(tmp_path / "faces")
         pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "full")))
-        real_save, calls = pretrain.save_atomic, []
+        real_save, calls = run.save_atomic, []
 
         def crash_after_first_checkpoint(obj, path):
             real_save(obj, path)
             calls.append(path)
             if path.endswith("teacher_backbone.pth"):
                 raise KeyboardInterrupt("killed")
-        monkeypatch.setattr(pretrain, "save_atomic", crash_after_first_checkpoint)
+        monkeypatch.setattr(run, "save_atomic", crash_after_first_checkpoint)
         with pytest.raises(KeyboardInterrupt):
             pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "cut"), "--save-every",
                                               "2"))
         assert torch.load(str(tmp_path / "cut" / "checkpoint.pth"), weights_only=True)["step"] == 2
-        monkeypatch.setattr(pretrain, "save_atomic", real_save)
+        monkeypatch.setattr(run, "save_atomic", real_save)
         pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "cut"), "--save-every", "2"))
         a = torch.load(str(tmp_path / "full" / "checkpoint.pth"), weights_only=True)
         b = torch.load(str(tmp_path / "cut" / "checkpoint.pth"), weights_only=True)
@@ -1567,8 +1672,8 @@ class TestPretrain:
         assert any(drawn) and log[-1]["skipped"] == resumed[-1]["skipped"] == 1
         # the rewound steps are not logged twice
         assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-        for run in ("full", "cut"):
-            listed = (tmp_path / run / "skipped.txt").read_text()
+        for folder in ("full", "cut"):
+            listed = (tmp_path / folder / "skipped.txt").read_text()
             assert listed == str(tmp_path / "faces" / "zz.jpg") + "\n"
 
     @pytest.mark.slow
@@ -1578,12 +1683,12 @@ class TestPretrain:
         import data
         import pretrain
         images = data.ImageFolder(image_folder)
-        a, b, c = (pretrain.random_subset(images, 8, s) for s in (0, 0, 1))
+        a, b, c = (data.random_subset(images, 8, s) for s in (0, 0, 1))
         assert len(a) == 8 and len(set(a.indices)) == 8 and a.indices == sorted(a.indices)
         assert a.indices == b.indices and a.indices != c.indices
         assert np.array_equal(np.asarray(a[3]), np.asarray(images[a.indices[3]]))
         with pytest.raises(ValueError, match="expected 1 to 12"):
-            pretrain.random_subset(images, 13, 0)
+            data.random_subset(images, 13, 0)
         pretrain.main(_tiny_pretrain_args(image_folder, str(tmp_path / "r"), "--n-images", "8",
                                           "--epochs", "1"))
         log = [json.loads(l) for l in open(tmp_path / "r" / "log.jsonl")]
@@ -1626,6 +1731,22 @@ class TestPretrain:
         log = [json.loads(l) for l in open(tmp_path / "r" / "log.jsonl")]
         assert len(log) == 30 and all(r["reject_rate"] == 1.0 for r in log)
         assert all(r["all_rejected"] == args.batch_size * args.log_every for r in log)
+
+    def test_a_step_that_does_not_log_never_waits_for_the_device(self):
+        """Crop, retrieve (the rule; a stand-in recogniser), augment, Eq. 1-4, fused AdamW, EMA:
+        no value read and no size that depends on the data, counted on a CPU (run.HostSyncs),
+        where a planted .item() and boolean indexing are counted."""
+        import run
+        assert _step_syncs(torch.device("cpu")) == {}
+        x = torch.rand(4)
+        with run.HostSyncs() as planted:
+            x[x > 0].sum().item()
+        assert planted.ops == {"aten::index": 1, "aten::_local_scalar_dense": 1}
+
+    @pytest.mark.gpu
+    @gpu
+    def test_gpu_step_never_waits_for_the_device(self):
+        assert _step_syncs(torch.device("cuda")) == {}
 
     @pytest.mark.slow
     def test_two_process_gloo_equals_one_process(self, tmp_path):
@@ -1968,27 +2089,27 @@ class TestFinetune:
         """A run killed after a mid-epoch checkpoint resumes from it and ends as the uninterrupted
         run does, with a loader process: each sample's flip is seeded by its index, drop-path by
         the restored RNG."""
-        import finetune
-        from finetune_attr import Attributes
+        import run
+        from finetune_attr import main as attributes
 
         def argv(out):
             return ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny",
                     "--img-size", "32", "--epochs", "3", "--batch-size", "16", "--workers", "1",
                     "--frac", "0.5", "--out", out, "--save-every-min", "1e-9", "--log-every", "1",
                     "--runs", "1"]
-        full = finetune.main(Attributes(), argv(str(tmp_path / "full")))
-        real_save, saved = finetune.save_atomic, []
+        full = attributes(argv(str(tmp_path / "full")))
+        real_save, saved = run.save_atomic, []
 
         def save_then_crash_mid_epoch_2(obj, path):
             real_save(obj, path)
             saved.append((obj["epoch"], obj["batch"]))
             if saved[-1] == (1, 2):
                 raise KeyboardInterrupt("killed")
-        monkeypatch.setattr(finetune, "save_atomic", save_then_crash_mid_epoch_2)
+        monkeypatch.setattr(run, "save_atomic", save_then_crash_mid_epoch_2)
         with pytest.raises(KeyboardInterrupt):
-            finetune.main(Attributes(), argv(str(tmp_path / "cut")))
+            attributes(argv(str(tmp_path / "cut")))
         assert saved == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]  # 3 batches of 16 an epoch
-        cut = finetune.main(Attributes(), argv(str(tmp_path / "cut")))
+        cut = attributes(argv(str(tmp_path / "cut")))
         assert saved[5:] == [(2, 0), (2, 1), (2, 2), (3, 0)]
         assert cut["runs"][0]["final"] == full["runs"][0]["final"]
         a, b = (torch.load(str(tmp_path / d / "run0" / "checkpoint.pth"), weights_only=True)
@@ -2066,35 +2187,33 @@ class TestFinetune:
     def test_finetuning_results_are_reused_only_under_the_same_settings(self, tmp_path, toy_root,
                                                                         capsys):
         import vit
-        import finetune
-        from finetune_attr import Attributes
+        from finetune_attr import main as attributes
         init = str(tmp_path / "init.pth")
         torch.save(vit.vit_tiny().state_dict(), init)
         out = str(tmp_path / "attr")
         argv = ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny", "--img-size",
                 "32", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--frac", "0.5",
                 "--out", out, "--runs", "1"]
-        first = finetune.main(Attributes(), argv + ["--init", init])
+        first = attributes(argv + ["--init", init])
         capsys.readouterr()
-        again = finetune.main(Attributes(), argv + ["--init", init])
+        again = attributes(argv + ["--init", init])
         assert "reused, not retrained" in capsys.readouterr().out and again["runs"] == first["runs"]
         for other, named in ((["--init", "random"], "init_sha256"),
                              (["--init", init, "--frac", "0.25"], "frac 0.25")):
             with pytest.raises(ValueError,
                                match=f"result.json was made with other settings: .*{named}"):
-                finetune.main(Attributes(), argv + other)
+                attributes(argv + other)
         torch.save(vit.vit_tiny().state_dict(), init)  # another checkpoint at the same path
         with pytest.raises(ValueError, match="init_sha256"):
-            finetune.main(Attributes(), argv + ["--init", init])
+            attributes(argv + ["--init", init])
 
     def test_default_finetuning_folder_names_init_and_subset(self):
         import argparse
         import finetune
-        from finetune_attr import Attributes
 
         def name(init, frac, n_train=None):
             args = argparse.Namespace(dataset="celeba", init=init, frac=frac, n_train=n_train)
-            return finetune.default_out(Attributes(), args)
+            return finetune.default_out("attr", args)
         assert name("random", 0.002) == os.path.join("runs", "celeba", "attr-random-0.002")
         assert name("runs/pretrain/teacher_backbone.pth", 1.0) == \
             os.path.join("runs", "celeba", "attr-pretrain_teacher_backbone-1")
@@ -2117,34 +2236,32 @@ class TestFinetune:
         """MAE's scripts scale the lr by batch size x processes whatever the data: a subset of 7
         images trains in one batch of 7 at the lr of --batch-size 256."""
         import finetune
-        from finetune_expr import Expressions
-        task, seen = Expressions(), []
-        schedule = task.lr_schedule
-        monkeypatch.setattr(task, "lr_schedule", lambda args, batch, *rest: seen.append(
-            batch) or schedule(args, batch, *rest))
-        finetune.main(task, ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny",
-                             "--img-size", "32", "--epochs", "1", "--batch-size", "256", "--frac",
-                             "0.1", "--workers", "0", "--runs", "1", "--out", str(tmp_path)])
+        import finetune_expr
+        cosine, peaks = finetune.cosine_schedule, set()
+        monkeypatch.setattr(finetune, "cosine_schedule", lambda step, total, peak, *rest: peaks.add(
+            peak) or cosine(step, total, peak, *rest))
+        finetune_expr.main(["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny",
+                            "--img-size", "32", "--epochs", "1", "--batch-size", "256", "--frac",
+                            "0.1", "--workers", "0", "--runs", "1", "--out", str(tmp_path)])
         result = json.load(open(tmp_path / "results.json"))
-        assert seen == [256] and result["n_train"] == 7
+        assert peaks == {5e-4 * 256 / 256} and result["n_train"] == 7
 
     @pytest.mark.slow
     def test_sigterm_during_finetuning_saves_and_resumes_to_the_same_weights(self, tmp_path,
                                                                              toy_root):
-        import finetune
-        from finetune_attr import Attributes
+        from finetune_attr import main as attributes
 
         def argv(out):
             return ["--dataset", "toy", "--data-root", toy_root, "--arch", "vit_tiny",
                     "--img-size", "32", "--epochs", "40", "--batch-size", "16", "--workers", "1",
                     "--frac", "0.5", "--out", out, "--save-every-min", "0.05", "--runs", "1"]
-        full = finetune.main(Attributes(), argv(str(tmp_path / "full")))
+        full = attributes(argv(str(tmp_path / "full")))
         cut = tmp_path / "cut"
         code, err = _interrupt("finetune_attr.py", argv(str(cut)),
                                lambda: (cut / "run0" / "checkpoint.pth").exists())
         ckpt = torch.load(str(cut / "run0" / "checkpoint.pth"), weights_only=True)
         assert code == 128 + 15 and "SIGTERM at step" in err and ckpt["epoch"] < 40, err
-        resumed = finetune.main(Attributes(), argv(str(cut)))
+        resumed = attributes(argv(str(cut)))
         assert resumed["runs"][0]["final"] == full["runs"][0]["final"]
         a, b = (torch.load(str(tmp_path / d / "run0" / "checkpoint.pth"), weights_only=True)
                 for d in ("full", "cut"))
@@ -2211,12 +2328,10 @@ class TestAttr:
 
 
     def test_majority_baseline_is_each_attributes_more_frequent_value(self):
-        from finetune_attr import Attributes
-        task = Attributes()
-        task.attributes = ["a", "b"]
+        from finetune_attr import attribute_metrics
         targets = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
         logits = torch.tensor([[1.0, -1.0], [1.0, -1.0], [-1.0, -1.0], [-1.0, 1.0]])
-        m = task.metrics(logits, targets, None)
+        m = attribute_metrics(logits, targets, ["a", "b"])
         assert m["majority_accuracy"] == pytest.approx(75.0)
         assert m["mean_accuracy"] == pytest.approx(100 * (3 / 4 + 2 / 4) / 2)
 
@@ -2466,14 +2581,23 @@ class TestAlign:
         with pytest.raises(ValueError, match="z.pts"):
             read_300w(str(tmp_path))
 
-    def test_alignment_lrs_are_absolute_and_step_down_at_80_percent(self):
+    def test_alignment_lrs_are_absolute_and_step_down_at_80_percent(self, toy_root):
         """FaRL: head 0.01 and backbone 1e-4 whatever the batch, x0.1 from epoch 200 of 250."""
+        import finetune
         import finetune_align
-        task = finetune_align.Alignment()
-        args = _task_defaults(task)
-        lr_at = task.lr_schedule(args, global_batch=16, total=250, steps_per_epoch=1)
+        import vit
+        args = _task_defaults(finetune_align, "--dataset", "toy", "--data-root", toy_root,
+                              "--batch-size", "16")
+        task = finetune_align.task(args)
+        lr_at = task.schedule(250)
         assert [lr_at(s) for s in (0, 199, 200, 249)] == pytest.approx([0.01, 0.01, 0.001, 0.001])
-        assert task.backbone_lr_scale(args) * lr_at(0) == pytest.approx(1e-4)
+        model = task.model(vit.vit_tiny())
+        groups = finetune.param_groups_layer_decay(model, 0.0, args.layer_decay, task.backbone_lr)
+        backbone = {id(p) for p in model.backbone.parameters()}
+        lrs = {id(p): g["lr_scale"] * lr_at(0) for g in groups for p in g["params"]}
+        assert all(v == pytest.approx(1e-4) for i, v in lrs.items() if i in backbone)
+        head = [v for i, v in lrs.items() if i not in backbone]
+        assert head and all(v == pytest.approx(0.01) for v in head)
 
 
 class TestProbe:
@@ -2745,11 +2869,11 @@ class TestDefaults:
 
         common = dict(runs=5, drop_path=0.1, img_size=224, min_lr=0.0)  # §4.3, authors' scripts
         augment = dict(min_crop=0.08, randaug=True, erasing=0.25)  # timm's, as they ran it
-        attr = _task_defaults(finetune_attr.Attributes())
+        attr = _task_defaults(finetune_attr)
         expected = dict(common, **augment, lr=5e-4, weight_decay=0.05, layer_decay=0.65,
                         epochs=100, batch_size=256, warmup_epochs=1)
         assert {k: getattr(attr, k) for k in expected} == expected
-        expr = _task_defaults(finetune_expr.Expressions())
+        expr = _task_defaults(finetune_expr)
         expected = dict(common, **augment, lr=5e-4, weight_decay=0.5, layer_decay=0.65,
                         batch_size=256, label_smoothing=0.1)
         assert {k: getattr(expr, k) for k in expected} == expected
@@ -2758,10 +2882,10 @@ class TestDefaults:
                        affectnet=dict(epochs=10, warmup_epochs=0, mixup=0.1, cutmix=0.1,
                                       balanced=True))
         for dataset, recipe in recipes.items():
-            args = _task_defaults(finetune_expr.Expressions(), "--dataset", dataset)
+            args = _task_defaults(finetune_expr, "--dataset", dataset)
             finetune.set_dataset_defaults(args, finetune_expr.RECIPES)
             assert {k: getattr(args, k) for k in recipe} == recipe, dataset
-        align = _task_defaults(finetune_align.Alignment())
+        align = _task_defaults(finetune_align)
         expected = dict(common, lr=0.01, backbone_lr=1e-4, weight_decay=1e-5, layer_decay=1.0,
                         epochs=250, warmup_epochs=0, ema_decay=0.999, coord_weight=1.0,
                         heatmap_size=128, heatmap_radius=5.0, channels=768, drop_path=0.0)
@@ -2773,15 +2897,15 @@ class TestScripts:
 
     @pytest.mark.slow
     def test_every_script_has_help(self, capsys):
-        for script in ("vit.py", "crops.py", "retrieval.py", "data.py", "pretrain.py",
+        for script in ("run.py", "vit.py", "crops.py", "retrieval.py", "data.py", "pretrain.py",
                        "finetune_attr.py", "finetune_expr.py", "finetune_align.py", "toyfaces.py",
                        "bench.py", "figures.py", "probe.py"):
             code, out, err = run_script(script, "--help")
             assert code == 0 and "usage" in out, script
             # a None default is explained in the option's help
             assert "(default: None)" not in out, script
-            # data.py's one option defaults to None; figures: below
-            if script not in ("data.py", "figures.py"):
+            # run.py has no option, data.py's one defaults to None; figures: below
+            if script not in ("run.py", "data.py", "figures.py"):
                 assert "(default: " in out, script  # every other default is shown
         import figures
         for figure in ("fig3", "fig5", "fig6", "curves", "table"):
@@ -2794,20 +2918,19 @@ class TestScripts:
 
     @pytest.mark.slow
     def test_bad_numbers_are_one_line_errors_naming_the_option(self, capsys, monkeypatch):
-        import finetune
         import pretrain
-        from finetune_attr import Attributes
+        from finetune_attr import main as attributes
         cases = [(pretrain.get_args, ["--batch-size", "0"], "--batch-size", ">= 1"),
                  (pretrain.get_args, ["--n-local", "0"], "--n-local", ">= 1"),
                  (pretrain.get_args, ["--epochs", "0"], "--epochs", ">= 1"),
                  (pretrain.get_args, ["--global-size", "60"], "--global-size", "multiple of 16"),
                  (pretrain.get_args, ["--arcface", "a.onnx", "--n-candidates", "4"],
                   "--n-candidates", "--n-local"),
-                 (lambda argv: finetune.main(Attributes(), argv), ["--batch-size", "0"],
+                 (lambda argv: attributes(argv), ["--batch-size", "0"],
                   "--batch-size", ">= 1"),
-                 (lambda argv: finetune.main(Attributes(), argv), ["--frac", "1.5"], "--frac",
+                 (lambda argv: attributes(argv), ["--frac", "1.5"], "--frac",
                   "(0, 1]"),
-                 (lambda argv: finetune.main(Attributes(), argv), ["--init", "nope.pth"], "--init",
+                 (lambda argv: attributes(argv), ["--init", "nope.pth"], "--init",
                   "no such file")]
         for parse, argv, option, expected in cases:
             with pytest.raises(SystemExit) as e:
@@ -2901,12 +3024,14 @@ class TestGPU:
     @pytest.mark.gpu
     @gpu
     def test_gpu_pinned_loader(self, image_folder):
+        import run
         import data
         import pretrain
         from crops import MultiCrop
         args = _tiny_pretrain_args(image_folder, "unused", "--workers", "1")
-        views = pretrain.Views(data.ImageFolder(image_folder), MultiCrop(32, 16, n_local=2), 0)
-        batch, _ = next(iter(pretrain.epoch_loader(views, args, 0, pin=True)))
+        views = data.Views(data.ImageFolder(image_folder), MultiCrop(32, 16, n_local=2), 0)
+        proc = run.Process(0, 1, torch.device("cuda"))
+        batch, _ = next(iter(pretrain.epoch_loader(views, args, 0, 0, proc)))
         assert batch["image"].is_pinned() and batch["local_boxes"].is_pinned()
         assert batch["local_params"]["factors"].is_pinned()
 
@@ -2915,14 +3040,14 @@ class TestGPU:
     def test_gpu_crops_and_views_equal_the_cpu_path(self):
         """The crops and the augmented views on the GPU = on the CPU, to float rounding (a crop
         level flips where a sum sits at a half)."""
-        import pretrain
+        import run
         from crops import MultiCrop, batch_views, collate
         rs = np.random.RandomState(0)
         mc = MultiCrop(64, 32, n_local=4, n_candidates=6)
         torch.manual_seed(0)
         batch = collate([mc(Image.fromarray(rs.randint(0, 256, (h, w, 3), np.uint8)))
                          for h, w in ((112, 112), (218, 178), (60, 90))])
-        on_gpu = pretrain.to_device(batch, torch.device("cuda"))
+        on_gpu = run.to_device(batch, torch.device("cuda"))
         cpu, cuda = mc.crops(batch), mc.crops(on_gpu)
         assert cuda[0].is_cuda
         assert all((a.int() - b.cpu().int()).abs().max() <= 1 for a, b in zip(cpu, cuda))
@@ -2932,12 +3057,13 @@ class TestGPU:
     @pytest.mark.gpu
     @gpu
     def test_gpu_checkpoint_restores_the_cuda_rng(self, tmp_path, image_folder):
+        import run
         import pretrain
         out = tmp_path / "run"
         pretrain.main(_tiny_pretrain_args(image_folder, str(out), "--epochs", "1"))
         ckpt = torch.load(str(out / "checkpoint.pth"), weights_only=True)
         torch.cuda.manual_seed(123)
-        pretrain.restore_rng(ckpt, torch.device("cuda"))
+        run.restore_rng(ckpt, torch.device("cuda"))
         assert torch.equal(torch.cuda.get_rng_state(), ckpt["cuda_rng"])
 
 

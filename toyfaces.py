@@ -37,9 +37,10 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from crops import MultiCrop, collate, resized_crops
-from data import RAFDB_EXPRESSIONS, RECORDIO_MAGIC, ArgumentParser, at_least
+from data import RAFDB_EXPRESSIONS, RECORDIO_MAGIC
 from loss import cosine_schedule
 from retrieval import ArcFace, similarity
+from run import ArgumentParser, at_least
 
 # RAF-DB 1..7
 EXPRESSIONS = RAFDB_EXPRESSIONS

@@ -8,15 +8,14 @@ parameters). The 14x14 position embedding is resampled to any grid, so 224 globa
 and 96 locals (6x6) go through the same weights. State-dict keys are timm's / DINO's, so
 checkpoints of DINO, DeiT, MAE and MSN load directly (Table 1 baselines) through `load_pretrained`.
 """
-import argparse
 import math
-import os
-import re
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from run import ArgumentParser, at_least, patch_multiple, read_checkpoint
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -211,37 +210,6 @@ PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
 DROP_PREFIXES = ("head.", "fc_norm.", "fc.", "decoder", "mask_token", "criterion.", "prototypes")
 
 
-def safe_globals():
-    """The non-tensor types that published checkpoints hold besides tensors and plain Python values:
-    `args` as an argparse.Namespace (DINO, MAE and the scripts built on them), numpy scalars and
-    arrays."""
-    import numpy as np
-    core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
-    dtypes = {type(np.dtype(t))
-              for t in (np.bool_, np.int32, np.int64, np.float16, np.float32, np.float64)}
-    return [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct,
-            core.multiarray.scalar, *dtypes]
-
-
-def read_checkpoint(path):
-    """torch.load to the CPU with weights_only (no arbitrary code runs), allowing safe_globals(); a
-    missing or unreadable file is a one-line error naming it, and one needing another type names
-    it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
-    try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip/pickle errors of many kinds: report them all the same way
-        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if unsafe:
-            raise ValueError(f"checkpoint {path}: holds a {unsafe.group(1)}, which is not loaded "
-                             "(only tensors, plain values, argparse.Namespace and numpy "
-                             "are)") from None
-        raise ValueError(f"checkpoint {path}: not a readable PyTorch checkpoint "
-                         f"({type(e).__name__})") from None
-
-
 def extract_backbone_state(ckpt, source="state dict"):
     """Any supported checkpoint -> (backbone state dict with timm keys, list of dropped keys)."""
     for key in CONTAINER_KEYS:
@@ -309,8 +277,6 @@ def load_pretrained(model, path_or_state_dict):
 # ----------------------------------------------------------------------------- python vit.py
 
 def main():
-    # here: importing vit.py needs torch alone
-    from data import ArgumentParser, at_least, patch_multiple
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--arch", default="vit_small", choices=ARCHS,
                         help="backbone (§3.2: ViT-S/16)")

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The CUDA paths, end to end, on a bare GPU machine with no network: installs nothing, runs on the
 # python3 it finds (torch >= 2.11, torchvision >= 0.26) and finishes in about 8 minutes.
-#   1. versions: what it runs on (torch, torchvision, onnxruntime and its providers, the GPU);
+#   1. versions: what it runs on (torch, torchvision, onnxruntime and its providers, the GPU), and
+#      run.py under torchrun (the process group, native bf16, the all-reduce);
 #   2. world: a small toy world made with this machine's cores, or the one in $PROS_DATA/toy;
 #   3. tests: the tests marked gpu (NCCL, bf16 step, IO binding, pinned loader, crops on the GPU,
-#      CUDA RNG in checkpoints);
+#      CUDA RNG in checkpoints, no host sync in a step);
 #   4. pretrain: 2 minutes of toy pretraining with the face-aware retrieval under torchrun, the
 #      recogniser on the GPU with onnxruntime-gpu, else on the CPU provider (--arcface-device cpu);
 #   5. attr, expr, align: one epoch of each fine-tuning task from that teacher;
 #   6. bench: bench.py on the GPU (ours and timm's ViT-S/16 in the same run: images/s, peak memory;
-#      the crops' and the augmentation's shares of the step; the recogniser's crops/s).
+#      the crops' and the augmentation's shares of the step; the recogniser's crops/s; the toy
+#      pipeline's rate and its host syncs a step).
 # Each part's output goes to $OUT/NAME.txt (default OUT=runs/gpu_check), its result to
 # $OUT/summary.txt; the script goes on after a failed part and exits non-zero if any failed.
 #
@@ -48,6 +50,8 @@ old = [(n, v) for n, v, need in (("torch", torch.__version__, (2, 11)),
 assert not old, f"too old: {old}"
 PYEOF
 cat "$OUT/versions.txt" >>"$OUT/summary.txt"
+part run 60 "$PY" -m torch.distributed.run --nproc_per_node 1 run.py
+cat "$OUT/run.txt" >>"$OUT/summary.txt"
 
 DATA=${PROS_DATA:-$OUT/data}
 if [ ! -f "$DATA/toy/DONE" ]; then
@@ -71,7 +75,8 @@ FT="$FT --init $OUT/pretrain/teacher_backbone.pth"
 part attr 60 "$PY" finetune_attr.py $FT --out "$OUT/attr"
 part expr 60 "$PY" finetune_expr.py $FT --out "$OUT/expr"
 part align 60 "$PY" finetune_align.py $FT --heatmap-size 32 --channels 128 --out "$OUT/align"
-part bench 120 "$PY" bench.py --device cuda --steps 10 --warmup 3 --only step loader retrieval
+part bench 180 "$PY" bench.py --device cuda --steps 10 --warmup 3 --only step loader retrieval \
+  pipeline
 cat "$OUT/bench.txt" >>"$OUT/summary.txt"
 
 if [ ${#failed[@]} -gt 0 ]; then
