@@ -38,7 +38,7 @@ from data import Views, collate, data_root, load_image, readable
 from loss import cosine_schedule, ema_update
 from run import (ArgumentParser, Run, above, add_run_args, at_least, check_settings, distributed,
                  fraction, ignore_stop_signals, patch_multiple, probability, read_everywhere,
-                 read_json, run_cli, session, settings, setup_distributed, use_bf16, write_lines)
+                 read_json, run_cli, settings, setup_distributed, training, use_bf16, write_lines)
 from vit import ARCHS, load_pretrained, no_weight_decay
 
 BICUBIC = v2.InterpolationMode.BICUBIC
@@ -603,13 +603,13 @@ def default_out(name, args):
 
 def main(doc, add_args, make_task, argv=None):
     """A task script's main: its flags (add_args(parser)), its Task (make_task(args)); --runs runs,
-    <out>/results.json. Ctrl-C and SIGTERM handled from the start (run.session)."""
+    <out>/results.json. Ctrl-C and SIGTERM handled from the start (run.training)."""
     p = ArgumentParser(description=doc)
     add_args(p)
     args = p.parse_args(argv)
     if args.init != "random" and not os.path.isfile(args.init):
         p.error(f"--init {args.init}: no such file (expected 'random' or a checkpoint)")
-    with session() as stop:
+    with training() as stop:
         return run_all(make_task, args, stop)
 
 

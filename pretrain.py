@@ -36,8 +36,8 @@ from loss import (PrototypeLoss, ProjectionHead, cosine_schedule, ema_update, mo
 from probe import add_probe_args, collapse_state, make_judge, summary
 from retrieval import SELECTION, ArcFace, select, selection_counts, similarity
 from run import (ArgumentParser, Run, above, add_run_args, at_least, distributed, fraction,
-                 ignore_stop_signals, last_row, patch_multiple, run_cli, session, settings,
-                 setup_distributed, to_device, use_bf16)
+                 ignore_stop_signals, last_row, patch_multiple, run_cli, settings,
+                 setup_distributed, to_device, training, use_bf16)
 import toyfaces
 from vit import ARCHS
 
@@ -391,8 +391,8 @@ def finish(args, run, judge, teacher, step):
 
 
 def main(args):
-    """Pretrain; Ctrl-C, SIGTERM and the process group handled on every exit (run.session)."""
-    with session() as stop:
+    """Pretrain; Ctrl-C, SIGTERM and the process group handled on every exit (run.training)."""
+    with training() as stop:
         train(args, stop)
 
 

@@ -8,7 +8,7 @@ run's folder. The scripts (pretrain.py, finetune.py) keep the method; this modul
   (`at_least`, `above`, `fraction`, `probability`, `patch_multiple`) and `run_cli` (bad input is
   one line on stderr and a non-zero exit, not a traceback);
 - the processes: `setup_distributed` under torchrun (NCCL on CUDA, gloo on CPU), `use_bf16`,
-  `distributed` (DDP), `all_mean`, `gather_names`, and `session`: Ctrl-C and SIGTERM turned into
+  `distributed` (DDP), `all_mean`, `gather_names`, and `training`: Ctrl-C and SIGTERM turned into
   a stop that every process agrees on after each step, the process group left on every exit;
 - files: `read_checkpoint` (weights only, with the types published checkpoints hold),
   `save_atomic`, `write_lines`, `read_json`;
@@ -272,7 +272,7 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def session():
+def training():
     """A training script's main runs inside: Ctrl-C and SIGTERM handled from the start (yields the
     StopRequest); the process group left on every exit, an error's and a stop's too."""
     try:
