@@ -202,16 +202,7 @@ def curves(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    log, unreadable = [], 0
-    with open(args.log) as f:
-        for line in filter(str.strip, f):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short when a run was killed mid-write
-                unreadable += 1
-                continue
-            if "loss" in row:  # a training row (probe rows carry other keys)
-                log.append(row)
+    log, unreadable = run.training_rows(args.log)
     keys = [k for k in CURVES if any(k in r for r in log)
             and not (k == "reject_rate" and not any(r[k] for r in log))]
     if not keys:

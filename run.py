@@ -467,12 +467,25 @@ def rewind_log(path, step):
     write_lines(path, rows)
 
 
+def training_rows(path):
+    """(the training rows of a log.jsonl, the number of its lines that do not parse): probe rows
+    carry no loss; a line cut short when a run was killed mid-write is counted, not read."""
+    rows, unreadable = [], 0
+    with open(path) as f:
+        for line in filter(str.strip, f):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                unreadable += 1
+                continue
+            if "loss" in row:
+                rows.append(row)
+    return rows, unreadable
+
+
 def last_row(path):
     """The last training row of a log.jsonl, or None."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if '"loss"' in line]
+    rows = training_rows(path)[0] if os.path.exists(path) else []
     return rows[-1] if rows else None
 
 
